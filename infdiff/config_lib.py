@@ -1,0 +1,82 @@
+"""Shared pieces of the run configs in configs/ (top-level fields, preset parsing)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, known: dict) -> ml_collections.ConfigDict:
+  """'demo,renderer=liif,distill=False' -> ConfigDict, checked against `known` defaults.
+
+  A bare word sets a boolean preset to True. Unknown words are a one-line ValueError,
+  so `configs/rapd.py:dmeo` fails instead of silently training the full model.
+  """
+  out = ml_collections.ConfigDict(dict(known))
+  for token in filter(None, (arg or "").split(",")):
+    key, sep, value = token.partition("=")
+    key = key.strip()
+    if key not in known:
+      raise ValueError(f"unknown preset {key!r}; known: {', '.join(sorted(known))}")
+    default = known[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"preset {key!r} needs a value, e.g. {key}={default}")
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"preset {key}={value!r}: expected True or False")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Top-level fields every run config has."""
+  c = ml_collections.ConfigDict()
+  c.stages = ()  # stage modules under infdiff.methods, trained in order into workdir/<stage>
+  c.seed = 0  # seeds params, data order and every per-step key
+  c.total_steps = 1000  # steps of each stage of this run
+  c.log_every = 50  # steps between scalar logs and the progress line
+  c.checkpoint_every = 1000  # steps between checkpoints (also at the end and on SIGTERM)
+  c.keep_checkpoints = 3  # newest checkpoints kept
+  c.max_nonfinite_steps = 20  # consecutive NaN/inf steps (each skipped) before the run stops
+  c.ema_decay = 0.9999  # EMA of trainable params (used for sampling/eval)
+  # Mesh over ('data', 'fsdp', 'tensor'); -1 means "all remaining devices".
+  c.mesh = (-1, 1, 1)
+  # Logical axis -> mesh axes. Params: 'embed' over fsdp, heads/mlp over tensor.
+  c.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("length", None),
+      ("height", None),
+      ("width", None),
+      ("vocab", "tensor"),
+      ("conv_in", None),
+      ("conv_out", "fsdp"),
+      ("latent", None),
+      ("norm", None),
+      ("rel_pos", None),
+  )
+  c.evals = ml_collections.ConfigDict()  # name -> {metric, every, stage, ...}
+  return c
+
+
+def optim_config(lr: float, total_steps: int, warmup: int = 0, schedule: str = "constant"):
+  """AdamW settings; every field can be overridden with --config.<stage>.optim.<field>."""
+  o = ml_collections.ConfigDict()
+  o.lr = lr  # peak learning rate
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.0
+  o.grad_clip = 1.0  # global-norm clip; 0 disables
+  o.schedule = schedule  # 'constant' or 'cosine' (after warmup)
+  o.warmup_steps = warmup
+  o.decay_steps = total_steps  # cosine horizon
+  o.end_factor = 0.0  # cosine floor as a fraction of lr
+  o.frozen = ()  # regexes over '/'-joined param paths that are not updated
+  return o

@@ -1,0 +1,80 @@
+"""Semantic distillation of a latent against a frozen vision teacher (RaPD Sec. 3.2).
+
+The cosine-margin and distance-matrix-similarity losses (the VA-VAE "VF loss" pair),
+and the adaptive weight that balances them against reconstruction (RaPD Eq. 9).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _normalize(x, eps=1e-6):
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
+
+
+def cosine_margin_loss(student, teacher, margin: float):
+  """mean_i relu(1 - m1 - cos(h_i, f_i)). student, teacher: [B, N, D]."""
+  cos = jnp.sum(_normalize(student) * _normalize(teacher), axis=-1)  # [B, N]
+  return jnp.mean(jax.nn.relu(1.0 - margin - cos))
+
+
+def distance_matrix_loss(student, teacher, margin: float):
+  """mean_{i,j} relu(|cos(h_i, h_j) - cos(f_i, f_j)| - m2) over positions of each image."""
+  hs, ft = _normalize(student), _normalize(teacher)
+  sim_s = jnp.einsum("bnd,bmd->bnm", hs, hs)  # [B, N, N]
+  sim_t = jnp.einsum("bnd,bmd->bnm", ft, ft)
+  return jnp.mean(jax.nn.relu(jnp.abs(sim_s - sim_t) - margin))
+
+
+def distill_loss(student, teacher, m1: float = 0.5, m2: float = 0.25):
+  """L_distill = L_cos + L_dms; returns (loss, metrics)."""
+  l_cos = cosine_margin_loss(student, teacher, m1)
+  l_dms = distance_matrix_loss(student, teacher, m2)
+  return l_cos + l_dms, {"distill_cos": l_cos, "distill_dms": l_dms}
+
+
+def pool_to_grid(latent, h: int, w: int):
+  """Average-pools [B, H, W, C] to the teacher's patch grid [B, h, w, C] (area weights)."""
+  from infdiff.fields import _area_matrix
+
+  my = jnp.asarray(_area_matrix(latent.shape[1], h))
+  mx = jnp.asarray(_area_matrix(latent.shape[2], w))
+  return jnp.einsum("oh,pw,bhwc->bopc", my, mx, latent.astype(jnp.float32))
+
+
+class DistillProjection(nn.Module):
+  """The 1x1 projection branch from latent channels to the teacher width."""
+
+  teacher_dim: int  # width of the teacher's patch tokens (768 for ViT-B/14)
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled):  # [B, h, w, C] -> [B, h, w, D]
+    return nn.Dense(
+        self.teacher_dim,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("latent", "embed")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(pooled)
+
+
+def adaptive_weight(rec_fn, distill_fn, last_layer, eps: float = 1e-6):
+  """w_ada = ||d L_rec / d theta_L|| / (||d L_distill / d theta_L|| + eps), stop-gradient.
+
+  Args:
+    rec_fn: theta_L -> L_rec with every other input closed over.
+    distill_fn: theta_L -> L_distill likewise.
+    last_layer: the encoder's last conv parameters theta_L (a pytree).
+  """
+  g_rec = jax.grad(rec_fn)(last_layer)
+  g_dis = jax.grad(distill_fn)(last_layer)
+  w = optax.global_norm(g_rec) / (optax.global_norm(g_dis) + eps)
+  return jax.lax.stop_gradient(w)

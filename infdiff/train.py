@@ -1,0 +1,339 @@
+"""The one training loop. Every method and stage runs through `train_and_evaluate`.
+
+Per stage (config.stages, in order; each writes to `workdir/<stage>`):
+  mesh from config -> data pipeline -> abstract state (eval_shape) -> shardings from
+  logical axis rules -> jit(init, out_shardings) -> restore the latest checkpoint if
+  any -> one jitted, donated step with fold_in RNG -> periodic logging, image
+  summaries, evaluators and checkpoints -> method.finalize.
+SIGTERM/SIGINT end the loop at the next step boundary with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging as pylogging
+import os
+import signal
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+
+from infdiff import checkpoint as ckpt_lib
+from infdiff import optim as optim_lib
+from infdiff import sharding as shard_lib
+from infdiff import utils
+from infdiff.methods import get_method_class
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32
+  params: dict  # group -> params tree
+  opt_state: dict  # group -> optax state
+  ema: dict  # group -> EMA params tree (ema_groups only)
+  rng: jax.Array  # [2] uint32 base key; per-step keys are fold_in(rng, step)
+  nonfinite: jax.Array  # [] int32 consecutive steps skipped for a non-finite loss
+
+
+class Preempted(Exception):
+  """Raised after a signal-triggered checkpoint; the run exits 0 and resumes later."""
+
+
+@dataclasses.dataclass
+class StageContext:
+  """What a method's `finalize` and evaluators can use."""
+
+  config: Any
+  method: Any
+  mesh: Any
+  state: TrainState
+  aux: Any
+  workdir: str
+  writer: Any
+  make_loader: Any  # (split, transform, batch_size, num_epochs) -> iterator
+
+
+class _SignalFlag:
+  """Turns SIGTERM/SIGINT into a flag checked between steps (no work in the handler)."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not the main thread (e.g. some notebook runners)
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def train_and_evaluate(config, workdir: str) -> None:
+  """Runs every stage in `config.stages`; each resumes from its own checkpoints."""
+  os.makedirs(workdir, exist_ok=True)
+  utils.add_log_file(os.path.join(workdir, "train.log"))
+  for stage in config.stages:
+    train_stage(config, stage, os.path.join(workdir, stage))
+
+
+def _make_loader(config, stage_cfg, transform, split, seed, num_epochs=None, batch_size=None):
+  from infdiff.data import pipeline
+
+  return pipeline.make_loader(
+      config.data,
+      transform,
+      global_batch_size=batch_size or stage_cfg.batch_size,
+      seed=seed,
+      split=split,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_epochs=num_epochs,
+  )
+
+
+def build_state(method, config, mesh, rules, first_batch):
+  """eval_shape -> shardings -> jit(init). Returns (state, state_shardings, txs)."""
+  groups = method.groups
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in first_batch.items()}
+
+  abstract_vars = jax.eval_shape(lambda r: method.init(r, batch_spec), init_rng)
+  txs = {g: optim_lib.make_optimizer(method.optimizer_config(g), abstract_vars[g]) for g in groups}
+
+  def init_fn(r):
+    variables = method.init(r, batch_spec)  # boxed with logical names
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params={g: variables[g] for g in groups},
+        opt_state={g: txs[g].init(variables[g]) for g in groups},
+        ema={g: jax.tree.map(lambda x: x, variables[g]) for g in method.ema_groups},
+        rng=train_rng,
+        nonfinite=jnp.zeros((), jnp.int32),
+    )
+
+  with mesh, nn.logical_axis_rules(rules):
+    abstract_state = jax.eval_shape(init_fn, init_rng)
+    shardings = shard_lib.logical_shardings(abstract_state, mesh, rules)
+    state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
+  state = nn.unbox(state)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return state, shardings, txs
+
+
+def make_train_step(method, txs, config):
+  """The step: per group value_and_grad -> optax update; EMA; skip non-finite updates."""
+  ema_decay = config.get("ema_decay", 0.0)
+
+  def train_step(state: TrainState, batch, aux):
+    rng = jax.random.fold_in(state.rng, state.step)
+    params = dict(state.params)
+    opt_state = dict(state.opt_state)
+    metrics = {}
+    finite = jnp.array(True)
+    for i, g in enumerate(method.groups):
+      g_rng = jax.random.fold_in(rng, i)
+
+      def loss_fn(p, g=g, g_rng=g_rng):
+        return method.loss(g, {**params, g: p}, aux, batch, g_rng, state.step)
+
+      (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[g])
+      updates, new_opt = txs[g].update(grads, opt_state[g], params[g])
+      new_params = optax.apply_updates(params[g], updates)
+      g_finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+      finite = finite & g_finite
+      params[g], opt_state[g] = new_params, new_opt
+      metrics[f"{g}/loss"] = loss
+      metrics[f"{g}/grad_norm"] = optax.global_norm(grads)
+      metrics.update({f"{g}/{k}": v for k, v in m.items()})
+
+    ema = {
+        g: optim_lib.ema_update(state.ema[g], params[g], ema_decay, state.step)
+        for g in method.ema_groups
+    }
+    new = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, ema=ema, nonfinite=jnp.int32(0)
+    )
+    # A non-finite loss or gradient leaves the state unchanged except step and counter.
+    skipped = state.replace(step=state.step + 1, nonfinite=state.nonfinite + 1)
+    out = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, skipped)
+    metrics["nonfinite_skipped"] = 1.0 - finite.astype(jnp.float32)
+    return out, metrics
+
+  return train_step
+
+
+def _average(history):
+  """clu Average over the fetched per-step metrics of one logging interval."""
+  names = sorted(history[0])
+  coll = clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
+  acc = None
+  for m in history:
+    upd = coll.single_from_model_output(**{n: jnp.asarray(m[n]) for n in names})
+    acc = upd if acc is None else acc.merge(upd)
+  return {k: float(v) for k, v in acc.compute().items()}
+
+
+def train_stage(config, stage: str, workdir: str) -> TrainState | None:
+  """Trains one stage to config.total_steps, resuming from workdir if possible."""
+  os.makedirs(workdir, exist_ok=True)
+  method = get_method_class(stage)(config, stage, workdir)
+  mngr = ckpt_lib.manager(
+      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, save_every=1
+  )
+  latest = mngr.latest_step()
+  if latest is not None and latest >= config.total_steps and not config.get("rerun_finalize"):
+    logging.info("[%s] already trained to step %d; skipping.", stage, latest)
+    return None
+
+  mesh = shard_lib.make_mesh(config.mesh)
+  rules = shard_lib.rules_from_config(config.logical_axis_rules)
+  cfg = config[stage]
+  dp = shard_lib.data_parallel_size(mesh)
+  if cfg.batch_size % dp:
+    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {dp} data-parallel devices")
+
+  # Data first: a bad source fails here, before anything compiles.
+  transform = method.data_transform("train")
+  loader = _make_loader(config, cfg, transform, "train", config.seed)
+  data_iter = iter(loader)
+  first = next(data_iter)
+  host_first = {k: v for k, v in first.items() if np.asarray(v).dtype.kind not in "OUS"}
+
+  aux = method.prepare(mesh)
+  state, shardings, txs = build_state(method, config, mesh, rules, host_first)
+  if jax.process_index() == 0:
+    logging.info(
+        "[%s] parameters:\n%s", stage, parameter_overview.get_parameter_overview(state.params)
+    )
+
+  # Resume (onto whatever mesh this run has).
+  start_step = 0
+  if latest is not None:
+    abstract = ckpt_lib.abstract_with_shardings(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings
+    )
+    state, data_state = ckpt_lib.restore(mngr, latest, abstract)
+    data_iter = iter(_make_loader(config, cfg, transform, "train", config.seed))
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    start_step = int(jax.device_get(state.step))
+    logging.info("[%s] resumed from step %d", stage, start_step)
+  else:
+    # Start from the beginning of the stream (the first batch was only used for shapes).
+    data_iter = iter(_make_loader(config, cfg, transform, "train", config.seed))
+
+  batch_shardings = {
+      k: shard_lib.batch_sharding(mesh, np.asarray(v).ndim) for k, v in host_first.items()
+  }
+  aux_shardings = jax.tree.map(lambda x: shard_lib.replicated(mesh), aux)
+  aux = jax.device_put(aux, aux_shardings)
+  step_fn = jax.jit(
+      make_train_step(method, txs, config),
+      in_shardings=(shardings, batch_shardings, aux_shardings),
+      out_shardings=(shardings, None),
+      donate_argnums=(0,),
+  )
+  writer = utils.MetricWriter(workdir) if jax.process_index() == 0 else utils.NullWriter()
+  ctx = StageContext(
+      config,
+      method,
+      mesh,
+      state,
+      aux,
+      workdir,
+      writer,
+      functools.partial(_make_loader, config, cfg, seed=config.seed + 1),
+  )
+  evaluators = utils.make_evaluators(config, stage)
+
+  total = config.total_steps
+  history = []
+  progress = utils.Progress(total, start_step)
+  step = start_step
+  with _SignalFlag() as sig, mesh, nn.logical_axis_rules(rules):
+    while step < total:
+      try:
+        host_batch = next(data_iter)
+      except StopIteration:
+        raise ValueError(f"[{stage}] the data source ran out at step {step}") from None
+      batch = shard_lib.host_batch_to_global(host_batch, mesh)
+      state, metrics = step_fn(state, batch, aux)
+      step += 1
+      history.append(metrics)
+
+      if step % config.log_every == 0 or step == total:
+        fetched = jax.device_get(history)
+        history = []
+        scalars = _average(fetched)
+        skipped = int(jax.device_get(state.nonfinite))
+        if skipped >= config.max_nonfinite_steps:
+          mngr.wait_until_finished()
+          raise FloatingPointError(
+              f"[{stage}] loss was NaN/inf for {skipped} consecutive steps at step {step}; "
+              "lower the learning rate or check the data"
+          )
+        scalars.update(progress.update(step))
+        skip_counts = utils.data_skip_counts(data_iter)
+        writer.write_scalars(step, scalars)
+        logging.info("[%s] %s", stage, utils.format_progress(step, total, scalars, skip_counts))
+
+      if step % config.checkpoint_every == 0 or step == total:
+        ckpt_lib.save(mngr, step, state, _iter_state(data_iter))
+        ctx.state = state
+        _write_summaries(method, ctx, host_batch, step)
+
+      if evaluators:
+        ctx.state = state
+        for ev in evaluators:
+          if step % ev.every == 0 or step == total:
+            writer.write_scalars(step, ev.run(ctx, step))
+
+      if sig.signum is not None:
+        ckpt_lib.save(mngr, step, state, _iter_state(data_iter), force=True)
+        mngr.wait_until_finished()
+        writer.flush()
+        logging.info(
+            "[%s] signal %d: checkpoint at step %d written; exiting", stage, sig.signum, step
+        )
+        raise Preempted(f"stopped by signal {sig.signum} at step {step}")
+
+  mngr.wait_until_finished()
+  ctx.state = state
+  method.finalize(ctx)
+  writer.flush()
+  return state
+
+
+def _iter_state(it):
+  return it.get_state() if hasattr(it, "get_state") else None
+
+
+def _write_summaries(method, ctx, host_batch, step):
+  batch = {k: v for k, v in host_batch.items() if np.asarray(v).dtype.kind not in "OUS"}
+  rng = jax.random.fold_in(jax.random.PRNGKey(ctx.config.seed), 10_000_000 + step)
+  images = method.summaries(ctx.state.ema or ctx.state.params, ctx.aux, batch, rng)
+  for name, img in images.items():
+    ctx.writer.write_images(step, name, np.asarray(jax.device_get(img)))
+
+
+# Quiet Orbax/absl chatter in the plain log but keep warnings.
+pylogging.getLogger("absl").setLevel(pylogging.INFO)
