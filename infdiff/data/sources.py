@@ -1,0 +1,404 @@
+"""Random-access data sources, picked by one string (`config.data.source`).
+
+  'shapes'            procedural scenes (`infdiff.data.shapes.ShapesSource`), any size.
+  'photos'            the natural photographs shipped inside scikit-image (no download),
+                      at their native mixed sizes (300x451 ... 1411x1411).
+  'folder:/path'      every image under /path, recursively; extensions (any case):
+                      .jpg .jpeg .png .bmp .gif .webp .tif .tiff.
+  'captions:/path'    image + caption pairs: /path/captions.jsonl with lines
+                      {"file": "rel/path.jpg", "caption": "..."}, or, without that file, a
+                      sidecar rel/path.txt next to each image (missing sidecar -> '').
+  'tfds:name'         `tfds.data_source(name, split=split, data_dir=data_dir)` (array_record,
+                      images stored encoded; read without TensorFlow).
+
+Record format. `source[i]` is a dict with 'caption' (str, '' if none), 'id' (str: file path
+or index) and either 'image' (uint8 [H, W, 3] RGB) or 'encoded' (the file's bytes). File
+sources return 'encoded' so that indexing a large folder stays cheap; `load_record` (used by
+the pipeline in its reader threads/workers) decodes it into 'image'.
+
+Bad files are never dropped silently. A folder scan reads each file's header once, at
+construction, and rejects zero-byte files, non-images, images over `max_pixels` and images
+with a side under `min_size`; `source.skip_counts` holds the count per reason and
+`source.skipped` the (path, reason) pairs. Failures that only decoding finds (truncated
+data) are handled by the pipeline (see pipeline.py). A source with no valid image raises a
+one-line ValueError naming the folder at construction, before anything compiles.
+
+Held-out split for 'photos', 'folder:' and 'captions:'. Each file is assigned to 'eval' when
+a hash of its path relative to the root (sha1, so stable across machines and runs) falls
+below `eval_fraction`, else to 'train'; split='all' keeps every file. The assignment of a
+file never depends on the other files, so adding images to a folder does not move old ones
+between splits. For 'tfds:' the split string is passed to TFDS unchanged ('train',
+'validation', 'train[:90%]', ...). For 'shapes' it is passed to `ShapesSource`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from infdiff.data import decode as decode_lib
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# Default fraction of files held out by the hash split (choice: large enough for a stable
+# FID-style estimate on a folder of thousands, small enough not to starve training).
+DEFAULT_EVAL_FRACTION = 0.05
+
+# Colour photographs in skimage/data (native sizes from 300x451 to 1411x1411).
+PHOTO_FILES_RGB = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+)
+# Greyscale photographs; decoding replicates them to RGB.
+PHOTO_FILES_GRAY = (
+    "camera.png",
+    "coins.png",
+    "moon.png",
+    "grass.png",
+    "gravel.png",
+    "brick.png",
+    "clock_motion.png",
+    "microaneurysms.png",
+)
+
+
+def hash_split_fraction(key: str) -> float:
+  """Deterministic value in [0, 1) for a key (sha1 based, independent of PYTHONHASHSEED)."""
+  digest = hashlib.sha1(key.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def in_split(key: str, split: str, eval_fraction: float) -> bool:
+  """Whether the file with relative path `key` belongs to `split` ('train', 'eval', 'all')."""
+  if split == "all":
+    return True
+  held_out = hash_split_fraction(key) < eval_fraction
+  if split == "eval":
+    return held_out
+  if split == "train":
+    return not held_out
+  raise ValueError(f"unknown split {split!r} for a file source (use 'train', 'eval' or 'all')")
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+  return ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "none"
+
+
+@dataclasses.dataclass
+class FileSource:
+  """Images on disk, each with a caption; `__getitem__` returns encoded bytes.
+
+  Build it with `scan_files` (which rejects bad files from their headers) rather than
+  directly. Picklable, so grain worker processes can read from it.
+  """
+
+  paths: list[str]  # absolute paths of the accepted files
+  captions: list[str]  # one per path ('' if none)
+  name: str = ""  # what was scanned, for messages
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason)
+  min_size: int = decode_lib.DEFAULT_MIN_SIZE  # the decode limits the pipeline applies
+  max_pixels: int = decode_lib.DEFAULT_MAX_PIXELS
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path = self.paths[index]
+    with open(path, "rb") as f:
+      data = f.read()
+    return {"encoded": data, "caption": self.captions[index], "id": path}
+
+  @property
+  def skip_counts(self) -> dict[str, int]:
+    """Files rejected at scan time, per reason (all reasons present, zeros included)."""
+    counts = dict.fromkeys(decode_lib.REASONS, 0)
+    for _, reason in self.skipped:
+      counts[reason] += 1
+    return counts
+
+
+def scan_files(
+    entries: Sequence[tuple[str, str]],
+    *,
+    name: str,
+    min_size: int = decode_lib.DEFAULT_MIN_SIZE,
+    max_pixels: int = decode_lib.DEFAULT_MAX_PIXELS,
+    num_threads: int = 8,
+) -> FileSource:
+  """Header-checks (path, caption) entries and keeps the usable ones, counting the rest.
+
+  Args:
+    entries: (absolute path, caption) pairs in a deterministic order.
+    name: what is being scanned (a folder), used in the error message.
+    min_size: smallest accepted image side.
+    max_pixels: largest accepted width * height.
+    num_threads: threads for header reads (I/O bound; a thread pool hides latency on
+      network file systems).
+
+  Returns:
+    A FileSource over the accepted files, in the order of `entries`.
+
+  Raises:
+    ValueError: (one line) when no file is usable.
+  """
+
+  def check(path: str) -> str | None:
+    try:
+      decode_lib.probe_file(path, min_size=min_size, max_pixels=max_pixels)
+    except decode_lib.DecodeError as e:
+      return e.reason
+    except OSError:
+      return "unreadable"  # missing file, permission denied, I/O error
+    return None
+
+  paths = [p for p, _ in entries]
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    reasons = list(pool.map(check, paths))
+  keep_paths, keep_caps, skipped = [], [], []
+  for (path, caption), reason in zip(entries, reasons):
+    if reason is None:
+      keep_paths.append(path)
+      keep_caps.append(caption)
+    else:
+      skipped.append((path, reason))
+  if not keep_paths:
+    counts = collections.Counter(r for _, r in skipped)
+    raise ValueError(
+        f"no valid image in {name} ({len(entries)} candidate files, skipped: "
+        f"{_format_counts(dict(counts))})"
+    )
+  return FileSource(keep_paths, keep_caps, name, skipped, min_size, max_pixels)
+
+
+def list_images(root: str) -> list[str]:
+  """Image files under root (recursive, extension case-insensitive), sorted relative paths."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames.sort()
+    for fn in filenames:
+      if fn.lower().endswith(IMAGE_EXTENSIONS):
+        found.append(os.path.relpath(os.path.join(dirpath, fn), root))
+  return sorted(found)
+
+
+def _check_dir(root: str, scheme: str) -> str:
+  if not root:
+    raise ValueError(f"data source '{scheme}:' needs a path, e.g. '{scheme}:/data/images'")
+  root = os.path.abspath(os.path.expanduser(root))
+  if not os.path.isdir(root):
+    raise ValueError(f"data source '{scheme}:{root}': not a directory")
+  return root
+
+
+def folder_source(
+    root: str, *, split: str, eval_fraction: float, sidecar_captions: bool = False, **scan_kw
+) -> FileSource:
+  """Every image under `root` in `split`; captions from sidecar .txt files if asked."""
+  root = _check_dir(root, "captions" if sidecar_captions else "folder")
+  entries = []
+  for rel in list_images(root):
+    if not in_split(rel, split, eval_fraction):
+      continue
+    path = os.path.join(root, rel)
+    caption = ""
+    if sidecar_captions:
+      txt = os.path.splitext(path)[0] + ".txt"
+      if os.path.isfile(txt):
+        with open(txt, encoding="utf-8", errors="replace") as f:
+          caption = f.read().strip()
+    entries.append((path, caption))
+  return scan_files(entries, name=f"folder {root} (split={split})", **scan_kw)
+
+
+def captions_source(root: str, *, split: str, eval_fraction: float, **scan_kw) -> FileSource:
+  """Image + caption pairs from root/captions.jsonl, else from sidecar .txt files."""
+  root = _check_dir(root, "captions")
+  jsonl = os.path.join(root, "captions.jsonl")
+  if not os.path.isfile(jsonl):
+    return folder_source(
+        root, split=split, eval_fraction=eval_fraction, sidecar_captions=True, **scan_kw
+    )
+  entries = []
+  with open(jsonl, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        item = json.loads(line)
+        rel, caption = str(item["file"]), str(item.get("caption", ""))
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{jsonl}:{lineno}: expected {{'file': ..., 'caption': ...}}") from e
+      if in_split(rel, split, eval_fraction):
+        entries.append((os.path.join(root, rel), caption))
+  return scan_files(entries, name=f"captions file {jsonl} (split={split})", **scan_kw)
+
+
+def photos_source(
+    *, split: str, eval_fraction: float, include_gray: bool = False, **scan_kw
+) -> FileSource:
+  """The photographs bundled in scikit-image's package directory (read with PIL)."""
+  import skimage  # noqa: PLC0415  (only this source needs it)
+
+  root = os.path.join(os.path.dirname(skimage.__file__), "data")
+  names = PHOTO_FILES_RGB + (PHOTO_FILES_GRAY if include_gray else ())
+  entries = [(os.path.join(root, n), "") for n in names if in_split(n, split, eval_fraction)]
+  return scan_files(entries, name=f"scikit-image photos in {root} (split={split})", **scan_kw)
+
+
+@dataclasses.dataclass
+class TfdsSource:
+  """A `tfds.data_source` mapped to the record format.
+
+  The image feature may come back encoded (bytes: decoded later by the pipeline, robustly)
+  or already decoded (uint8 array). The caption comes from `caption_feature` when the
+  dataset has it, else ''.
+  """
+
+  source: Any  # the tfds ArrayRecordDataSource (random access)
+  name: str
+  image_feature: str = "image"  # feature holding the image
+  caption_feature: str | None = "caption"  # text feature used as caption, if present
+  min_size: int = decode_lib.DEFAULT_MIN_SIZE
+  max_pixels: int = decode_lib.DEFAULT_MAX_PIXELS
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return tfds_to_record(self.source[index], index, self.image_feature, self.caption_feature)
+
+  @property
+  def skip_counts(self) -> dict[str, int]:
+    return dict.fromkeys(decode_lib.REASONS, 0)  # TFDS sources are not scanned
+
+
+def tfds_to_record(
+    example: dict[str, Any], index: int, image_feature: str, caption_feature: str | None
+) -> dict[str, Any]:
+  """Maps one TFDS example (a dict of features) to the record format."""
+  image = example[image_feature]
+  out: dict[str, Any] = {"id": str(index)}
+  if isinstance(image, bytes | bytearray | np.bytes_):
+    out["encoded"] = bytes(image)
+  else:
+    image = np.asarray(image)
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    out["image"] = image[..., :3].astype(np.uint8)  # [H, W, 3]
+  caption = example.get(caption_feature, b"") if caption_feature else b""
+  if isinstance(caption, bytes | np.bytes_):
+    caption = caption.decode("utf-8", errors="replace")
+  out["caption"] = str(caption)
+  return out
+
+
+def tfds_source(
+    name: str,
+    *,
+    split: str,
+    data_dir: str | None,
+    image_feature: str = "image",
+    caption_feature: str | None = "caption",
+    min_size: int = decode_lib.DEFAULT_MIN_SIZE,
+    max_pixels: int = decode_lib.DEFAULT_MAX_PIXELS,
+) -> TfdsSource:
+  """`tfds.data_source(name, split=split, data_dir=data_dir)` in the record format."""
+  if not name:
+    raise ValueError("data source 'tfds:' needs a dataset name, e.g. 'tfds:imagenette'")
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy; only this source needs it)
+
+  try:
+    src = tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # tfds raises many types for a missing/unprepared dataset
+    raise ValueError(f"data source 'tfds:{name}' (split={split}, data_dir={data_dir}): {e}")
+  return TfdsSource(src, f"tfds:{name}", image_feature, caption_feature, min_size, max_pixels)
+
+
+def shapes_source(*, split: str, **kw) -> Any:
+  """`infdiff.data.shapes.ShapesSource(split=split, **kw)` (imported lazily)."""
+  from infdiff.data import shapes  # noqa: PLC0415  (keeps this module importable alone)
+
+  return shapes.ShapesSource(split=split, **kw)
+
+
+def make_source(
+    source: str,
+    *,
+    split: str = "train",
+    data_dir: str | None = None,
+    min_size: int = decode_lib.DEFAULT_MIN_SIZE,
+    max_pixels: int = decode_lib.DEFAULT_MAX_PIXELS,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    num_threads: int = 8,
+    **kw,
+) -> Any:
+  """Builds the random-access source named by `source` (see the module docstring).
+
+  Args:
+    source: 'shapes', 'photos', 'folder:/path', 'captions:/path' or 'tfds:name'.
+    split: 'train', 'eval' or 'all' for file sources (hash split); passed through to TFDS
+      and ShapesSource.
+    data_dir: TFDS data directory (None: TFDS's default).
+    min_size: smallest accepted image side (file and TFDS sources).
+    max_pixels: largest accepted width * height (file and TFDS sources).
+    eval_fraction: fraction of files held out as 'eval' by the hash split.
+    num_threads: threads for the header scan of file sources.
+    **kw: source-specific options: 'shapes' -> ShapesSource arguments (size, num_scenes,
+      seed); 'photos' -> include_gray; 'tfds:' -> image_feature, caption_feature.
+
+  Returns:
+    An object with `__len__` and `__getitem__` returning records.
+
+  Raises:
+    ValueError: (one line) unknown scheme, bad path, or no valid image.
+  """
+  scheme, _, arg = source.partition(":")
+  scan_kw = dict(min_size=min_size, max_pixels=max_pixels, num_threads=num_threads)
+  if scheme == "shapes" and not arg:
+    return shapes_source(split=split, **kw)
+  if scheme == "photos" and not arg:
+    return photos_source(split=split, eval_fraction=eval_fraction, **scan_kw, **kw)
+  if scheme == "folder":
+    return folder_source(arg, split=split, eval_fraction=eval_fraction, **scan_kw, **kw)
+  if scheme == "captions":
+    return captions_source(arg, split=split, eval_fraction=eval_fraction, **scan_kw, **kw)
+  if scheme == "tfds":
+    return tfds_source(
+        arg, split=split, data_dir=data_dir, min_size=min_size, max_pixels=max_pixels, **kw
+    )
+  raise ValueError(
+      f"unknown data source {source!r}: use 'shapes', 'photos', 'folder:/path', "
+      "'captions:/path' or 'tfds:name'"
+  )
+
+
+def load_record(record: dict[str, Any], *, min_size: int, max_pixels: int) -> dict[str, Any]:
+  """Turns a source record into a decoded one ('encoded' -> 'image' uint8 [H, W, 3]).
+
+  Raises:
+    DecodeError: when the bytes cannot be decoded (the pipeline counts and skips it).
+  """
+  if "encoded" not in record:
+    return record
+  out = {k: v for k, v in record.items() if k != "encoded"}
+  out["image"] = decode_lib.decode_image(
+      record["encoded"], min_size=min_size, max_pixels=max_pixels
+  )
+  return out

@@ -1,0 +1,197 @@
+"""Host-side (numpy) training transforms, deterministic given their random generators.
+
+A transform is a callable `t(record, rng, batch_rng) -> record` on decoded records
+({'image': uint8 [H, W, 3], 'caption': str, 'id': str}):
+  rng        a numpy Generator private to this record (seeded from the pipeline seed, the
+             process index and the record's position), for per-record randomness;
+  batch_rng  a Generator shared by every row of one global batch (seeded from the pipeline
+             seed and the batch index only, so equal on every host), for choices that must
+             be equal across a batch, such as an output shape.
+Pick one by name with `make_transform(config.data.transform, **config.data.transform_kwargs)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from infdiff import fields
+
+PASSTHROUGH = ("caption", "id")  # string fields carried from input to output records
+
+
+def _passthrough(record: dict[str, Any]) -> dict[str, Any]:
+  return {k: record[k] for k in PASSTHROUGH if k in record}
+
+
+def upscale_short_side(image: np.ndarray, min_side: int) -> np.ndarray:
+  """Bicubic upscale of uint8 [H, W, 3] so that its short side is at least `min_side`.
+
+  Bicubic rather than area: an area (box) filter cannot add detail when enlarging and
+  reduces to nearest-neighbour blocks, which would teach the renderer blocky targets.
+  """
+  h, w = image.shape[:2]
+  if min(h, w) >= min_side:
+    return image
+  f = min_side / min(h, w)
+  nh, nw = max(min_side, round(h * f)), max(min_side, round(w * f))
+  return np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+  """[S, S, 3] uint8 -> float32 [size, size, 3] in [0, 1]: area filter down, bicubic up."""
+  if image.shape[0] >= size:
+    out = fields.area_downsample(image, size, size)
+  else:
+    out = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), np.float32)
+  return np.clip(np.asarray(out, np.float32) / 255.0, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiResCrop:
+  """Multi-resolution supervision (RaPD Sec. 3.4.1, INFD): a big crop as target, its
+  area-downsampled copy as encoder input.
+
+  Per record: scale s ~ U[1, min(s_max, short_side / enc_size)] (the upper end is lowered
+  so the crop fits the image), target side S = round(s * enc_size), a random S x S crop T,
+  encoder input = area_downsample(T, enc_size, enc_size).
+
+  With `target_window=P` a random P x P window of T is supervised (P <= enc_size <= S, so it
+  always fits): 'coord' is that window of the S x S grid (`fields.crop_grid`) and 'cell' is
+  (2 / S, 2 / S). Shapes are static whatever s is.
+
+  With `target_window=None` the whole S x S grid is supervised. Shapes must be static per
+  batch, so S = k * enc_size with k drawn from `scales` by the batch generator (one k for a
+  whole global batch, a new one every batch). An image whose short side is under S is
+  upscaled (bicubic) to S; set data.min_size >= max(scales) * enc_size to avoid that.
+
+  Images with a short side under enc_size are first upscaled (bicubic) so the short side
+  is enc_size (then s = 1); set data.min_size >= enc_size to skip such images instead.
+
+  Output: {'image': float32 [r, r, 3] in [0, 1], 'target': float32 [P, P, 3] in [0, 1]
+  (P = S without a window), 'coord': float32 [P, P, 2], 'cell': float32 [2],
+  'scale': float32 [] (= S / r, the scale actually used), 'caption', 'id'}.
+  """
+
+  enc_size: int = 64  # r: side of the encoder input
+  s_max: float = 4.0  # largest crop scale (RaPD trains "up to" a few x; choice 4)
+  target_window: int | None = 32  # P: supervised window side; None: the whole target grid
+  scales: tuple[int, ...] | None = None  # whole-grid mode: allowed k (default 1..s_max)
+
+  def __post_init__(self):
+    if self.s_max < 1.0:
+      raise ValueError(f"s_max must be >= 1, got {self.s_max}")
+    if self.target_window is not None and not 0 < self.target_window <= self.enc_size:
+      raise ValueError(f"target_window must be in [1, enc_size={self.enc_size}]")
+
+  @property
+  def scale_set(self) -> tuple[int, ...]:
+    return tuple(self.scales) if self.scales else tuple(range(1, int(self.s_max) + 1))
+
+  def __call__(self, record, rng: np.random.Generator, batch_rng: np.random.Generator):
+    r = self.enc_size
+    image = upscale_short_side(record["image"], r)
+    h, w = image.shape[:2]
+    if self.target_window is None:
+      side = r * int(batch_rng.choice(self.scale_set))
+      image = upscale_short_side(image, side)
+      h, w = image.shape[:2]
+    else:
+      s_hi = min(self.s_max, min(h, w) / r)
+      s = rng.uniform(1.0, s_hi) if s_hi > 1.0 else 1.0
+      side = int(np.clip(round(s * r), r, min(h, w)))
+    top = int(rng.integers(0, h - side + 1))
+    left = int(rng.integers(0, w - side + 1))
+    crop = image[top : top + side, left : left + side]  # [S, S, 3] uint8
+    enc = fields.area_downsample(crop, r, r) / np.float32(255.0)  # [r, r, 3]
+    p = side if self.target_window is None else self.target_window
+    wt = int(rng.integers(0, side - p + 1))
+    wl = int(rng.integers(0, side - p + 1))
+    target = crop[wt : wt + p, wl : wl + p].astype(np.float32) / 255.0  # [P, P, 3]
+    out = _passthrough(record)
+    out.update(
+        image=np.asarray(enc, np.float32),
+        target=target,
+        coord=fields.crop_grid(side, side, wt, wl, p, p),  # [P, P, 2]
+        cell=fields.cell_size(side, side),  # [2]
+        scale=np.float32(side / r),  # []
+    )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResizedSquare:
+  """A random square crop resized to size x size (stage-2 style training images).
+
+  The crop side is u * (short side) with u ~ U[min_scale, 1] (min_scale=1: the largest
+  square) at a uniformly random position; it is area-downsampled to `size` (bicubic if it
+  is smaller than `size`). Output: {'image': float32 [size, size, 3] in [0, 1], 'caption',
+  'id'}.
+  """
+
+  size: int = 64  # output side
+  min_scale: float = 1.0  # smallest crop side as a fraction of the short side
+
+  def __call__(self, record, rng: np.random.Generator, batch_rng: np.random.Generator):
+    del batch_rng
+    image = record["image"]
+    h, w = image.shape[:2]
+    u = rng.uniform(self.min_scale, 1.0) if self.min_scale < 1.0 else 1.0
+    side = max(1, round(u * min(h, w)))
+    top = int(rng.integers(0, h - side + 1))
+    left = int(rng.integers(0, w - side + 1))
+    out = _passthrough(record)
+    out["image"] = resize_square(image[top : top + side, left : left + side], self.size)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenize:
+  """Adds 'text_ids' and 'text_mask' (int32 [L]) from `tokenize(caption) -> (ids, mask)`.
+
+  `tokenize` must return fixed-length arrays (pad/truncate inside it) so batches stack; it
+  must be picklable when the pipeline uses worker processes.
+  """
+
+  tokenize: Callable[[str], tuple[Any, Any]]  # caption -> (ids [L], mask [L])
+
+  def __call__(self, record, rng: np.random.Generator, batch_rng: np.random.Generator):
+    del rng, batch_rng
+    ids, mask = self.tokenize(record.get("caption", ""))
+    out = dict(record)
+    out["text_ids"] = np.asarray(ids, np.int32)
+    out["text_mask"] = np.asarray(mask, np.int32)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Compose:
+  """Applies transforms in order (each gets its own child generators)."""
+
+  transforms: Sequence[Callable]  # applied first to last
+
+  def __call__(self, record, rng: np.random.Generator, batch_rng: np.random.Generator):
+    rngs = rng.spawn(len(self.transforms))
+    brngs = batch_rng.spawn(len(self.transforms))
+    for t, r, b in zip(self.transforms, rngs, brngs):
+      record = t(record, r, b)
+    return record
+
+
+TRANSFORMS: dict[str, Callable[..., Any]] = {
+    "multires_crop": MultiResCrop,
+    "random_resized_square": RandomResizedSquare,
+}
+
+
+def make_transform(name: str, **kwargs) -> Callable:
+  """Builds a registered transform by name (`config.data.transform`) with its kwargs."""
+  if name not in TRANSFORMS:
+    raise ValueError(f"unknown transform {name!r}; known: {', '.join(sorted(TRANSFORMS))}")
+  if "scales" in kwargs and kwargs["scales"] is not None:
+    kwargs["scales"] = tuple(kwargs["scales"])
+  return TRANSFORMS[name](**kwargs)
