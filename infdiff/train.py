@@ -116,11 +116,14 @@ def build_state(method, config, mesh, rules, first_batch):
   init_rng, train_rng = jax.random.split(rng)
   batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in first_batch.items()}
 
-  abstract_vars = jax.eval_shape(lambda r: method.init(r, batch_spec), init_rng)
+  def dummy_batch():  # zeros of the batch's shapes, built inside the traced init
+    return {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
+
+  abstract_vars = jax.eval_shape(lambda r: method.init(r, dummy_batch()), init_rng)
   txs = {g: optim_lib.make_optimizer(method.optimizer_config(g), abstract_vars[g]) for g in groups}
 
   def init_fn(r):
-    variables = method.init(r, batch_spec)  # boxed with logical names
+    variables = method.init(r, dummy_batch())  # boxed with logical names
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params={g: variables[g] for g in groups},
@@ -182,20 +185,21 @@ def make_train_step(method, txs, config):
 
 
 def _average(history):
-  """clu Average over the fetched per-step metrics of one logging interval."""
-  names = sorted(history[0])
-  coll = clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
-  acc = None
-  for m in history:
-    upd = coll.single_from_model_output(**{n: jnp.asarray(m[n]) for n in names})
-    acc = upd if acc is None else acc.merge(upd)
-  return {k: float(v) for k, v in acc.compute().items()}
+  """clu Average of each fetched per-step metric over one logging interval."""
+  out = {}
+  for name in sorted(history[0]):
+    acc = clu_metrics.Average.from_model_output(np.stack([m[name] for m in history]))
+    out[name] = float(acc.compute())
+  return out
 
 
 def train_stage(config, stage: str, workdir: str) -> TrainState | None:
   """Trains one stage to config.total_steps, resuming from workdir if possible."""
   os.makedirs(workdir, exist_ok=True)
   method = get_method_class(stage)(config, stage, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   mngr = ckpt_lib.manager(
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, save_every=1
   )
@@ -213,9 +217,9 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
 
   # Data first: a bad source fails here, before anything compiles.
   transform = method.data_transform("train")
-  loader = _make_loader(config, cfg, transform, "train", config.seed)
-  data_iter = iter(loader)
-  first = next(data_iter)
+  data_iter = _make_loader(config, cfg, transform, "train", config.seed)
+  start_data_state = data_iter.get_state()
+  first = next(data_iter)  # only for shapes; the stream is rewound below
   host_first = {k: v for k, v in first.items() if np.asarray(v).dtype.kind not in "OUS"}
 
   aux = method.prepare(mesh)
@@ -232,14 +236,11 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings
     )
     state, data_state = ckpt_lib.restore(mngr, latest, abstract)
-    data_iter = iter(_make_loader(config, cfg, transform, "train", config.seed))
-    if data_state is not None:
-      data_iter.set_state(data_state)
+    data_iter.set_state(data_state if data_state is not None else start_data_state)
     start_step = int(jax.device_get(state.step))
     logging.info("[%s] resumed from step %d", stage, start_step)
   else:
-    # Start from the beginning of the stream (the first batch was only used for shapes).
-    data_iter = iter(_make_loader(config, cfg, transform, "train", config.seed))
+    data_iter.set_state(start_data_state)
 
   batch_shardings = {
       k: shard_lib.batch_sharding(mesh, np.asarray(v).ndim) for k, v in host_first.items()
@@ -292,7 +293,7 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
               "lower the learning rate or check the data"
           )
         scalars.update(progress.update(step))
-        skip_counts = utils.data_skip_counts(data_iter)
+        skip_counts = data_iter.skip_counts()
         writer.write_scalars(step, scalars)
         logging.info("[%s] %s", stage, utils.format_progress(step, total, scalars, skip_counts))
 
@@ -324,7 +325,7 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
 
 
 def _iter_state(it):
-  return it.get_state() if hasattr(it, "get_state") else None
+  return it.get_state()
 
 
 def _write_summaries(method, ctx, host_batch, step):

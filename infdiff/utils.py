@@ -11,6 +11,19 @@ import numpy as np
 from absl import logging
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of checkpointing internals (each save logs ~20 lines)."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
 def add_log_file(path: str) -> None:
   """Mirrors absl logging into a plain-text log file (once per path)."""
   logger = pylogging.getLogger("absl")
@@ -19,6 +32,8 @@ def add_log_file(path: str) -> None:
     return
   handler = pylogging.FileHandler(path)
   handler.setFormatter(pylogging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  handler.addFilter(_QuietLibraries())
+  quiet_library_logs()
   logger.addHandler(handler)
   logging.set_verbosity(logging.INFO)
 
@@ -100,24 +115,11 @@ def format_progress(step: int, total: int, scalars: dict, skips: dict | None = N
       parts.append(f"{k} {scalars[k]:.4g}")
   parts.append(f"{scalars.get('steps_per_sec', 0.0):.2f} steps/s")
   parts.append(f"ETA {_fmt_time(scalars.get('eta_sec', 0.0))}")
-  if skips:
+  if skips and sum(skips.values()):
     total_skipped = sum(skips.values())
-    detail = ", ".join(f"{k}={v}" for k, v in sorted(skips.items()))
+    detail = ", ".join(f"{k}={v}" for k, v in sorted(skips.items()) if v)
     parts.append(f"skipped {total_skipped} files ({detail})")
   return " | ".join(parts)
-
-
-def data_skip_counts(data_iter) -> dict:
-  """Bad-file counts by reason, if the data pipeline exposes them."""
-  from infdiff.data import pipeline
-
-  fn = getattr(pipeline, "skip_counts", None)
-  if fn is None:
-    return {}
-  try:
-    return dict(fn(data_iter))
-  except TypeError:
-    return dict(fn())
 
 
 def make_evaluators(config, stage: str) -> list:

@@ -1,0 +1,156 @@
+"""RaPD: resolution-agnostic pixel diffusion through a neural-image-field latent.
+
+Presets (comma-separated after the colon, big_vision style):
+  configs/rapd.py               stage 1 at paper scale (Table 5)
+  configs/rapd.py:stage2        stage 2 at paper scale; set rapd_stage2.stage1_workdir
+  configs/rapd.py:demo          both stages, tiny, on built-in data, 2-core CPU
+  configs/rapd.py:demo,renderer=liif      renderer ablation (cqar | liif | clif)
+  configs/rapd.py:demo,distill=True,teacher=/path/to/dinov2-base   distillation on
+Every field can be overridden: --config.total_steps=30 --config.data.source=folder:/imgs
+"""
+
+import ml_collections
+
+from infdiff import config_lib
+from infdiff.data.pipeline import default_data_config
+
+PRESETS = dict(
+    demo=False,  # tiny sizes for a 2-core CPU
+    stage2=False,  # train stage 2 only (paper scale runs the stages separately)
+    renderer="cqar",  # renderer ablation: cqar | liif | clif
+    distill=True,  # semantic distillation on/off (on needs a DINOv2 checkpoint path)
+    teacher="",  # DINOv2 checkpoint directory (HF facebook/dinov2-base layout)
+    lpips="",  # VGG16-LPIPS checkpoint directory (see infdiff.pretrained)
+    text_encoder="",  # Qwen3 checkpoint directory (HF Qwen/Qwen3-1.7B layout)
+)
+
+
+def renderer_config(name: str, demo: bool) -> ml_collections.ConfigDict:
+  """Renderer choice and its sizes (paper CQAR: 256 wide, 4 blocks, 4 heads, window 8)."""
+  r = ml_collections.ConfigDict()
+  r.name = name
+  if name == "cqar":
+    r.dim = 32 if demo else 256  # token width D
+    r.depth = 2 if demo else 4  # Swin blocks (odd ones shifted)
+    r.num_heads = 2 if demo else 4
+    r.window = 8  # window side w
+    r.expansion = 4  # gated-FFN expansion (choice)
+  elif name == "liif":
+    r.hidden = (64, 64) if demo else (256, 256, 256, 256)  # MLP widths (LIIF: 4 x 256)
+  elif name == "clif":
+    r.features = 32 if demo else 128  # conv width (choice; INFD's CLIF is lightweight)
+    r.n_resblocks = 2  # INFD: 2 ResBlocks
+  else:
+    raise ValueError(f"unknown renderer {name!r}; use cqar, liif or clif")
+  return r
+
+
+def stage1_config(p) -> ml_collections.ConfigDict:
+  demo = p.demo
+  c = ml_collections.ConfigDict()
+  c.dtype = "float32" if demo else "bfloat16"  # compute dtype; params stay float32
+  c.batch_size = 8  # Table 5: 8
+  c.enc_size = 32 if demo else 256  # r: fixed encoder input side (choice at paper scale)
+  c.s_max = 4.0  # multi-resolution scale s ~ U[1, s_max] (choice: 4)
+  c.target_window = 32 if demo else 256  # P: supervised P x P window of the target grid
+  c.encoder = ml_collections.ConfigDict(
+      dict(features=16, n_resblocks=4 if demo else 8, latent_channels=8 if demo else 16)
+  )  # Table 5: 16 channels / 8 resblocks, C = 16
+  c.renderer = renderer_config(p.renderer, demo)
+  c.lpips_weight = 1.0 if p.lpips else 0.0  # lambda_lpips (choice 1.0; needs lpips_path)
+  c.lpips_path = p.lpips
+  c.distill = ml_collections.ConfigDict()
+  use_distill = p.distill and bool(p.teacher)
+  c.distill.weight = 0.1 if use_distill else 0.0  # w_hyper (Table 5: 0.1); 0 = off
+  c.distill.m1 = 0.5  # cosine margin (Table 5)
+  c.distill.m2 = 0.25  # distance-matrix margin (Table 5)
+  c.distill.teacher_path = p.teacher  # DINOv2 ViT-B/14 directory
+  c.distill.teacher_grid = (16, 16)  # teacher patch grid the latent is pooled to (224 / 14)
+  c.optim = config_lib.optim_config(lr=5e-4 if demo else 1e-4, total_steps=10_000)
+  c.stats_images = 256 if demo else 50_000  # images for the latent mean/std pass
+  c.stats_batch_size = 16
+  return c
+
+
+def stage2_config(p) -> ml_collections.ConfigDict:
+  demo = p.demo
+  c = ml_collections.ConfigDict()
+  c.dtype = "float32" if demo else "bfloat16"  # compute dtype (Table 5: bf16)
+  c.batch_size = 16 if demo else 256  # Table 5: 256
+  c.latent_size = 32 if demo else 256  # = stage 1's enc_size: the latent grid side
+  c.stage1_workdir = ""  # finished stage-1 run; '' = the sibling workdir/rapd_stage1
+  c.dit = ml_collections.ConfigDict(
+      dict(
+          patch=4 if demo else 16,  # Table 5: 16
+          bottleneck=64 if demo else 1024,  # Table 5: 1024
+          width=96 if demo else 1536,  # Table 5: 1536
+          depth=4 if demo else 16,  # Table 5: 16
+          heads=4 if demo else 24,  # Table 5: 24
+          text_blocks=1 if demo else 4,  # B.5: 4 text-refinement blocks
+          mlp_ratio=4.0,  # SwiGLU expansion (choice)
+          repa_block=2 if demo else 8,  # REPA on block-8 features (METHODS.md)
+          attention_impl="xla",  # 'xla' reference or 'jax' (fused dot_product_attention)
+          remat=not demo,  # rematerialise blocks to save activation memory at scale
+      )
+  )
+  c.text = ml_collections.ConfigDict()
+  c.text.encoder = "qwen3" if (p.text_encoder or not demo) else "small"  # 'qwen3' | 'small'
+  c.text.path = p.text_encoder  # Qwen3-1.7B directory (HF layout) for 'qwen3'
+  c.text.max_length = 128 if not demo else 16  # tokens (Table 5: 128)
+  # The demo's small encoder is trained from scratch over a word-level vocabulary of the
+  # dataset captions: a stand-in for Qwen3 that needs no weights.
+  c.text.width = 64
+  c.text.depth = 2
+  c.text.heads = 2
+  c.text.vocab_size = 512  # largest word vocabulary
+  c.text.vocab_captions = 5000  # captions scanned to build it
+  c.text.drop_prob = 0.1  # caption dropout for CFG (choice)
+  c.flow = ml_collections.ConfigDict()
+  c.flow.mu = 0.0  # logit-normal location (choice)
+  c.flow.sigma = 1.0  # logit-normal scale (choice)
+  # Timestep shift (Table 5: 32 for a 256^2 x 16 latent). The demo latent has 128x fewer
+  # dimensions; shift grows like sqrt(dimensions) (SD3), so 32 / sqrt(128) ~ 3.
+  c.flow.shift = 3.0 if demo else 32.0
+  c.repa = ml_collections.ConfigDict()
+  c.repa.weight = 0.5 if p.teacher else 0.0  # Table 5: 0.5; needs the DINOv2 teacher
+  c.repa.teacher_path = p.teacher
+  c.repa.hidden = 256 if demo else 2048  # projector MLP width
+  c.optim = config_lib.optim_config(
+      lr=1e-3 if demo else 1e-4, total_steps=300_000, warmup=50 if demo else 1000
+  )
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 25  # Euler steps (Sec. 3.4.2)
+  c.sample.cfg_scale = 4.0  # guidance g (choice)
+  c.sample.batch_size = 8  # latents denoised per compiled call
+  c.sample.tile = 128 if demo else 512  # render tile side (static shape)
+  c.sample.max_size = 8192  # largest side the sample CLI accepts
+  c.sample.sizes = (32, 64, 128) if demo else (512, 1024, 2048)  # summary/final grids
+  c.sample.prompts = (
+      "a red circle",
+      "a blue square and a green triangle",
+      "three yellow circles",
+      "a red square to the left of a blue circle",
+  )
+  return c
+
+
+def get_config(arg=None):
+  p = config_lib.parse_arg(arg, PRESETS)
+  c = config_lib.base_config()
+  c.stages = ("rapd_stage2",) if p.stage2 else ("rapd_stage1",)
+  c.data = default_data_config()
+  c.data.source = "shapes" if p.demo else "folder:/path/to/images"  # see README: data sources
+  c.rapd_stage1 = stage1_config(p)
+  c.rapd_stage2 = stage2_config(p)
+  c.total_steps = 300_000 if p.stage2 else 10_000  # Table 5: 10K stage 1, 300K stage 2
+  c.checkpoint_every = 1000
+  c.log_every = 50
+  c.ema_decay = 0.9999  # Table 5
+  if p.demo:
+    c.stages = ("rapd_stage1", "rapd_stage2")  # one command: stage 1, statistics, stage 2
+    c.total_steps = 600
+    c.checkpoint_every = 200
+    c.log_every = 20
+    c.ema_decay = 0.999
+    c.mesh = (-1, 1, 1)
+  return c

@@ -1,0 +1,257 @@
+"""RaPD stage 1: the generation-aware neural-image-field autoencoder (RaPD Sec. 3).
+
+Loss (Eq. 3, 5-6, 9): L = |I_hat - I|_1 + lambda_lpips LPIPS + w_hyper * w_ada * L_distill,
+with w_ada the gradient-norm ratio at the encoder's last conv (stop-gradient).
+Training examples come from the multi-resolution crop: the encoder sees an r x r
+area-downsampled crop, the renderer is supervised on (a window of) the crop's full-
+resolution coordinate grid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from infdiff import checkpoint as ckpt_lib
+from infdiff import fields
+from infdiff.data import transforms
+from infdiff.methods.base import Method as BaseMethod
+from infdiff.models.nif import NIFAutoencoder
+
+
+def _dtype(name):
+  return jnp.dtype(name)
+
+
+def build_model(cfg, teacher_dim: int = 0) -> NIFAutoencoder:
+  return NIFAutoencoder(
+      encoder=cfg.encoder.to_dict(),
+      renderer=cfg.renderer.to_dict(),
+      teacher_dim=teacher_dim,
+      dtype=_dtype(cfg.dtype),
+  )
+
+
+def _last_layer_path(params) -> tuple[str, ...]:
+  """Path of the encoder's last conv ('enc/last_conv'), whose grads set w_ada."""
+  enc = params["enc"]
+  if "last_conv" not in enc:
+    raise ValueError("the encoder has no 'last_conv' layer for the adaptive weight")
+  return ("enc", "last_conv")
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set(tree, path, value):
+  tree = flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else dict(tree)
+  if len(path) == 1:
+    tree[path[0]] = value
+    return tree
+  tree[path[0]] = _set(tree[path[0]], path[1:], value)
+  return tree
+
+
+class Method(BaseMethod):
+  """RaPD stage 1 (also the renderer ablations liif / clif / cqar)."""
+
+  def __init__(self, config, stage, workdir):
+    super().__init__(config, stage, workdir)
+    self.teacher = None
+    self.lpips = None
+    self.teacher_dim = 0
+    d = self.cfg.distill
+    if d.weight > 0:
+      if not d.teacher_path:
+        raise ValueError(
+            f"{stage}.distill.weight > 0 needs {stage}.distill.teacher_path (a DINOv2 checkpoint "
+            f"directory); set {stage}.distill.weight=0 to train without distillation"
+        )
+      from infdiff import pretrained
+
+      self.teacher, self._teacher_params = pretrained.load("dinov2", d.teacher_path)
+      self.teacher_dim = int(self.teacher.config.hidden_size)
+    if self.cfg.lpips_weight > 0:
+      if not self.cfg.lpips_path:
+        raise ValueError(
+            f"{stage}.lpips_weight > 0 needs {stage}.lpips_path (a VGG16-LPIPS checkpoint "
+            f"directory); set {stage}.lpips_weight=0 to train with L1 only"
+        )
+      from infdiff import pretrained
+
+      self.lpips, self._lpips_params = pretrained.load("lpips_vgg16", self.cfg.lpips_path)
+    self.model = build_model(self.cfg, self.teacher_dim)
+
+  # --- data -----------------------------------------------------------------------
+  def data_transform(self, split):
+    c = self.cfg
+    return transforms.MultiResCrop(
+        enc_size=c.enc_size, s_max=c.s_max, target_window=c.target_window or None
+    )
+
+  # --- state ----------------------------------------------------------------------
+  def prepare(self, mesh):
+    del mesh
+    aux = {}
+    if self.teacher is not None:
+      aux["teacher"] = self._teacher_params
+    if self.lpips is not None:
+      aux["lpips"] = self._lpips_params
+    return aux
+
+  def _teacher_hw(self):
+    return tuple(self.cfg.distill.teacher_grid)
+
+  def init(self, rng, batch):
+    hw = self._teacher_hw() if self.teacher is not None else None
+    variables = self.model.init(rng, batch["image"], batch["coord"], batch["cell"], hw)
+    return {"model": variables["params"]}
+
+  # --- loss -----------------------------------------------------------------------
+  def _rec_loss(self, rgb, target, aux):
+    l1 = jnp.mean(jnp.abs(rgb.astype(jnp.float32) - target))
+    metrics = {"l1": l1}
+    loss = l1
+    if self.lpips is not None:
+      lp = jnp.mean(self.lpips.apply(aux["lpips"], rgb.astype(jnp.float32), target))
+      metrics["lpips"] = lp
+      loss = loss + self.cfg.lpips_weight * lp
+    return loss, metrics
+
+  def _teacher_tokens(self, aux, image):
+    out = self.teacher.apply(aux["teacher"], image)
+    tokens = out["patch_tokens"]  # [B, h, w, D]
+    h, w = self._teacher_hw()
+    if tokens.shape[1:3] != (h, w):
+      raise ValueError(
+          f"teacher gives a {tokens.shape[1]}x{tokens.shape[2]} patch grid but "
+          f"distill.teacher_grid is {h}x{w}"
+      )
+    return jax.lax.stop_gradient(tokens.reshape(tokens.shape[0], h * w, -1))
+
+  def loss(self, group, params, aux, batch, rng, step):
+    del group, rng, step
+    p = params["model"]
+    image, target = batch["image"], batch["target"]
+
+    def forward(p):
+      z = self.model.apply({"params": p}, image, method="encode")
+      rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
+      return z, rgb
+
+    z, rgb = forward(p)
+    rec, metrics = self._rec_loss(rgb, target, aux)
+    if self.teacher is None:
+      return rec, metrics
+
+    d = self.cfg.distill
+    teacher = self._teacher_tokens(aux, image)
+    hw = self._teacher_hw()
+
+    def distill_of(p):
+      z = self.model.apply({"params": p}, image, method="encode")
+      student = self.model.apply({"params": p}, z, *hw, method="project")
+      from infdiff.losses.distill import distill_loss
+
+      return distill_loss(student.astype(jnp.float32), teacher, d.m1, d.m2)
+
+    dis, dmetrics = distill_of(p)
+    metrics.update(dmetrics)
+    path = _last_layer_path(p)
+
+    def rec_at(theta):
+      return self._rec_loss(forward(_set(p, path, theta))[1], target, aux)[0]
+
+    def dis_at(theta):
+      return distill_of(_set(p, path, theta))[0]
+
+    from infdiff.losses.distill import adaptive_weight
+
+    w_ada = adaptive_weight(rec_at, dis_at, _get(p, path))
+    metrics["w_ada"] = w_ada
+    metrics["distill"] = dis
+    return rec + d.weight * w_ada * dis, metrics
+
+  # --- summaries and after training ---------------------------------------------
+  def summaries(self, params, aux, batch, rng):
+    del aux, rng
+    p = params["model"]
+    n = min(4, batch["image"].shape[0])
+    image = jnp.asarray(batch["image"][:n])
+    r = image.shape[1]
+    z = self.model.apply({"params": p}, image, method="encode")
+    out = {"stage1/input": image}
+    for k in (1, 2):
+      coords = jnp.broadcast_to(fields.coord_grid(k * r, k * r), (n, k * r, k * r, 2))
+      cells = jnp.broadcast_to(fields.cell_size(k * r, k * r), (n, 2))
+      out[f"stage1/render_{k}x"] = self.model.apply(
+          {"params": p}, z, coords, cells, method="render"
+      )
+    return out
+
+  def finalize(self, ctx):
+    """Per-channel latent mean/std over the training set, stored beside the checkpoints."""
+    stats = latent_statistics(self, ctx)
+    path = os.path.join(self.workdir, "latent_stats.json")
+    ckpt_lib.write_json(path, stats)
+    logging.info(
+        "[%s] latent statistics over %d latents written to %s", self.stage, stats["count"], path
+    )
+
+
+def latent_statistics(method, ctx) -> dict:
+  """One pass over (up to cfg.stats_images of) the training set with the EMA encoder."""
+  c = method.cfg
+  transform = transforms.RandomResizedSquare(size=c.enc_size)
+  loader = ctx.make_loader(
+      transform=transform, split="train", num_epochs=1, batch_size=c.stats_batch_size
+  )
+  p = (ctx.state.ema or ctx.state.params)["model"]
+  encode = jax.jit(lambda p, x: method.model.apply({"params": p}, x, method="encode"))
+  total = np.zeros((), np.float64)
+  s1 = s2 = None
+  for i, batch in enumerate(loader):
+    if i * c.stats_batch_size >= c.stats_images:
+      break
+    z = np.asarray(jax.device_get(encode(p, jnp.asarray(batch["image"]))), np.float64)
+    z = z.reshape(-1, z.shape[-1])
+    s1 = z.sum(0) if s1 is None else s1 + z.sum(0)
+    s2 = (z**2).sum(0) if s2 is None else s2 + (z**2).sum(0)
+    total += z.shape[0]
+  if s1 is None:
+    raise ValueError("latent statistics: the training set gave no batch")
+  mean = s1 / total
+  std = np.sqrt(np.maximum(s2 / total - mean**2, 1e-12))
+  return {"mean": mean.tolist(), "std": std.tolist(), "count": int(total)}
+
+
+def load_autoencoder(stage1_dir: str):
+  """(model, params, stats) of a finished stage-1 run directory, for stage 2 and sampling."""
+  cfg_path = os.path.join(stage1_dir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise ckpt_lib.CheckpointError(f"no stage-1 run at {stage1_dir} (config.json missing)")
+  import ml_collections
+
+  with open(cfg_path) as f:
+    full = ml_collections.ConfigDict(json.load(f))
+  stage = os.path.basename(os.path.normpath(stage1_dir))
+  cfg = full[stage]
+  model = build_model(cfg, teacher_dim=0)  # the distillation branch is training-only
+  state, _ = ckpt_lib.restore_params_only(os.path.join(stage1_dir, "checkpoints"))
+  params = dict((state.get("ema") or state["params"])["model"])
+  params.pop("proj", None)
+  stats_path = os.path.join(stage1_dir, "latent_stats.json")
+  stats = None
+  if os.path.exists(stats_path):
+    with open(stats_path) as f:
+      stats = json.load(f)
+  return model, params, stats, cfg

@@ -1,0 +1,253 @@
+"""RaPD stage 2: text-conditioned flow matching in the normalised NIF latent.
+
+x_1 = (E(I) - mu) / sigma from the frozen stage-1 encoder, x_t = t x_1 + (1 - t) eps with
+shifted logit-normal t, loss |v(x_t, t, text) - (x_1 - eps)|^2 (+ REPA). Captions are
+dropped with probability p so one model serves classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from infdiff.data import pipeline as data_pipeline
+from infdiff.data import transforms
+from infdiff.diffusion import flow
+from infdiff.methods.base import Method as BaseMethod
+from infdiff.methods.rapd_stage1 import load_autoencoder
+from infdiff.models.dit import DiT
+from infdiff.models.text import WordVocab, build_text_encoder
+
+VOCAB_FILE = "vocab.json"
+
+
+class RepaProjector(nn.Module):
+  """MLP from denoiser width to teacher width (REPA's projector: Linear-SiLU-Linear x2)."""
+
+  hidden: int
+  out: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, N, width] -> [B, N, out]
+    def dense(f, axes, name):
+      return nn.Dense(
+          f,
+          dtype=self.dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+          name=name,
+      )
+
+    x = nn.silu(dense(self.hidden, ("embed", "mlp"), "fc1")(x))
+    x = nn.silu(dense(self.hidden, ("mlp", "embed"), "fc2")(x))
+    return dense(self.out, ("embed", "mlp"), "fc3")(x)
+
+
+def source_captions(data_cfg, limit: int) -> list[str]:
+  """Captions of up to `limit` training records, without decoding images when possible."""
+  source = data_pipeline.source_from_config(data_cfg, split="train")
+  n = min(len(source), limit)
+  if hasattr(source, "scene"):  # built-in shapes: captions come from scene parameters
+    from infdiff.data import shapes
+
+    return [shapes.caption(source.scene(i)) for i in range(n)]
+  if hasattr(source, "caption"):
+    return [source.caption(i) for i in range(n)]
+  return [source[i].get("caption", "") for i in range(n)]
+
+
+def stage1_dir(config, workdir: str) -> str:
+  """Stage-1 run directory: the configured one, else the sibling 'rapd_stage1'."""
+  path = config.rapd_stage2.stage1_workdir
+  if path:
+    return (
+        os.path.join(path, "rapd_stage1")
+        if os.path.isdir(os.path.join(path, "rapd_stage1"))
+        else path
+    )
+  return os.path.join(os.path.dirname(os.path.normpath(workdir)), "rapd_stage1")
+
+
+class TextSide:
+  """The tokenizer and text encoder of a stage-2 run, rebuilt the same way for sampling."""
+
+  def __init__(self, cfg, workdir: str, captions_fn=None):
+    t = cfg.text
+    self.max_length = t.max_length
+    if t.encoder == "small":
+      path = os.path.join(workdir, VOCAB_FILE)
+      if os.path.exists(path):
+        self.vocab = WordVocab.load(path)
+      elif captions_fn is not None:
+        self.vocab = WordVocab.build(captions_fn(), t.vocab_size)
+        os.makedirs(workdir, exist_ok=True)
+        self.vocab.save(path)
+      else:
+        raise FileNotFoundError(f"no {VOCAB_FILE} in {workdir}: is this a stage-2 run directory?")
+      self.encoder = build_text_encoder(
+          "small",
+          vocab_size=len(self.vocab),
+          width=t.width,
+          depth=t.depth,
+          heads=t.heads,
+          max_length=t.max_length,
+      )
+      self.tokenize_batch = lambda texts: self.vocab.encode(list(texts), self.max_length)
+    elif t.encoder == "qwen3":
+      from infdiff import pretrained
+
+      self.encoder = build_text_encoder("qwen3", path=t.path)
+      self.tokenize_batch = lambda texts: pretrained.tokenize(t.path, list(texts), self.max_length)
+    else:
+      raise ValueError(f"unknown text encoder {t.encoder!r}; use 'small' or 'qwen3'")
+
+  def tokenize_one(self, caption: str):
+    ids, mask = self.tokenize_batch([caption])
+    return ids[0], mask[0]
+
+
+def build_dit(cfg, text_width: int, latent_channels: int) -> DiT:
+  return DiT(
+      **cfg.dit.to_dict(),
+      in_channels=latent_channels,
+      text_dim=text_width,
+      dtype=jnp.dtype(cfg.dtype),
+  )
+
+
+class Method(BaseMethod):
+  """RaPD stage 2 on a finished stage-1 run."""
+
+  def __init__(self, config, stage, workdir):
+    super().__init__(config, stage, workdir)
+    c = self.cfg
+    self.s1_dir = stage1_dir(config, workdir)
+    self.ae, self._ae_params, stats, self.s1_cfg = load_autoencoder(self.s1_dir)
+    if stats is None:
+      raise FileNotFoundError(f"stage-1 run {self.s1_dir} has no latent_stats.json")
+    self._mean = np.asarray(stats["mean"], np.float32)
+    self._std = np.asarray(stats["std"], np.float32)
+    if self.s1_cfg.enc_size != c.latent_size:
+      raise ValueError(
+          f"rapd_stage2.latent_size={c.latent_size} but stage 1 encodes {self.s1_cfg.enc_size}^2"
+      )
+    self.text = TextSide(c, workdir, lambda: source_captions(config.data, c.text.vocab_captions))
+    self.dit = build_dit(c, self.text.encoder.width, len(self._mean))
+    self.teacher = None
+    if c.repa.weight > 0:
+      if not c.repa.teacher_path:
+        raise ValueError("rapd_stage2.repa.weight > 0 needs rapd_stage2.repa.teacher_path (DINOv2)")
+      from infdiff import pretrained
+
+      self.teacher, self._teacher_params = pretrained.load("dinov2", c.repa.teacher_path)
+      self.repa_proj = RepaProjector(c.repa.hidden, int(self.teacher.config.hidden_size))
+
+  def data_transform(self, split):
+    del split
+    return transforms.Compose(
+        (
+            transforms.RandomResizedSquare(size=self.cfg.latent_size),
+            transforms.Tokenize(self.text.tokenize_one),
+        )
+    )
+
+  def prepare(self, mesh):
+    del mesh
+    aux = {"ae": self._ae_params, "mean": self._mean, "std": self._std}
+    if not self.text.encoder.trainable:
+      aux["text"] = self.text.encoder.init(None, None, None)
+    if self.teacher is not None:
+      aux["teacher"] = self._teacher_params
+    return aux
+
+  def init(self, rng, batch):
+    r_dit, r_text, r_proj = jax.random.split(rng, 3)
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    params = {}
+    if self.text.encoder.trainable:
+      params["text"] = self.text.encoder.init(r_text, ids, mask)["params"]
+    hidden = jnp.zeros((*ids.shape, self.text.encoder.width), jnp.float32)
+    b, r = batch["image"].shape[0], self.cfg.latent_size
+    x = jnp.zeros((b, r, r, len(self._mean)), jnp.float32)
+    params["dit"] = self.dit.init(r_dit, x, jnp.zeros((b,)), hidden, mask)["params"]
+    if self.teacher is not None:
+      n = (r // self.cfg.dit.patch) ** 2
+      params["repa"] = self.repa_proj.init(r_proj, jnp.zeros((b, n, self.cfg.dit.width)))["params"]
+    return {"model": params}
+
+  # --- pieces shared with sampling --------------------------------------------------
+  def encode_text(self, params, aux, ids, mask):
+    p = {"params": params["text"]} if self.text.encoder.trainable else aux["text"]
+    return self.text.encoder.encode(p, ids, mask)
+
+  def normalised_latent(self, aux, image):
+    z = self.ae.apply({"params": aux["ae"]}, image, method="encode")
+    return jax.lax.stop_gradient((z.astype(jnp.float32) - aux["mean"]) / aux["std"])
+
+  def loss(self, group, params, aux, batch, rng, step):
+    del group, step
+    c = self.cfg
+    p = params["model"]
+    r_t, r_eps, r_drop = jax.random.split(rng, 3)
+    x1 = self.normalised_latent(aux, batch["image"])  # [B, r, r, C]
+    b = x1.shape[0]
+    t = flow.sample_train_t(r_t, (b,), c.flow.mu, c.flow.sigma, c.flow.shift)
+    eps = jax.random.normal(r_eps, x1.shape, jnp.float32)
+    xt = flow.interpolate(x1, eps, t)
+    keep = flow.drop_text(r_drop, batch["text_mask"], c.text.drop_prob)
+    mask = batch["text_mask"] * keep[:, None].astype(batch["text_mask"].dtype)
+    text = self.encode_text(p, aux, batch["text_ids"], mask)
+    want_repa = self.teacher is not None
+    out = self.dit.apply(
+        {"params": p["dit"]}, xt, t, text.hidden, mask, train=True, return_repa=want_repa
+    )
+    v = out[0] if want_repa else out
+    fm = flow.flow_matching_loss(v, x1, eps)
+    metrics = {"flow": fm}
+    loss = fm
+    if want_repa:
+      feats = out[1]  # [B, N, width]
+      proj = self.repa_proj.apply({"params": p["repa"]}, feats)
+      tgt = self._teacher_targets(aux, batch["image"], x1.shape[1] // c.dit.patch)
+      rl = flow.repa_loss(proj, tgt)
+      metrics["repa"] = rl
+      loss = loss + c.repa.weight * rl
+    return loss, metrics
+
+  def _teacher_targets(self, aux, image, grid: int):
+    tokens = self.teacher.apply(aux["teacher"], image)["patch_tokens"]  # [B, h, w, D]
+    b, _, _, d = tokens.shape
+    tokens = jax.image.resize(tokens.astype(jnp.float32), (b, grid, grid, d), "linear")
+    return jax.lax.stop_gradient(tokens.reshape(b, grid * grid, d))
+
+  # --- sampling ---------------------------------------------------------------------
+  def summaries(self, params, aux, batch, rng):
+    from infdiff import sampling
+
+    gen = sampling.Generator.from_method(self, params, aux)
+    prompts = list(self.cfg.sample.prompts)[:4]
+    z = gen.latents(prompts, seed=0)
+    return {f"samples/{s}x{s}": gen.render(z, s, s) for s in self.cfg.sample.sizes}
+
+  def finalize(self, ctx):
+    from infdiff import sampling
+
+    p = ctx.state.ema or ctx.state.params
+    gen = sampling.Generator.from_method(self, p, ctx.aux)
+    out = os.path.join(os.path.dirname(os.path.normpath(self.workdir)), "samples")
+    prompts = list(self.cfg.sample.prompts)
+    z = gen.latents(prompts, seed=self.config.seed)
+    step = int(jax.device_get(ctx.state.step))
+    for s in self.cfg.sample.sizes:
+      imgs = np.asarray(gen.render(z, s, s))
+      ctx.writer.write_images(step, f"samples/{s}x{s}", imgs)
+      sampling.save_grid(os.path.join(out, f"grid_{s}x{s}.png"), imgs)
+    logging.info(
+        "[%s] sample grids at %s written to %s", self.stage, list(self.cfg.sample.sizes), out
+    )
