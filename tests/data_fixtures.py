@@ -115,3 +115,34 @@ def write_plain_folder(root: str, n: int, size: tuple[int, int] = (24, 32)) -> l
     Image.fromarray(rgb_image(*size, seed=100 + i)).save(f"{root}/{name}")
     names.append(name)
   return names
+
+
+def write_tfds_dataset(data_dir: str) -> str:
+  """Prepares a 4-example array_record TFDS dataset (PNG-encoded images + captions) without
+  TensorFlow; example 3's image bytes are truncated. Returns the dataset name."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy, only this fixture needs it)
+
+  class InfdiffTinyCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      features = tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}
+      )
+      return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20 + i, 24, 3), 10 * i, np.uint8)).save(buf, "PNG")
+        data = buf.getvalue() if i != 3 else buf.getvalue()[:60]
+        # Bytes, not arrays: TFDS would need TensorFlow to encode an array.
+        yield i, {"image": data, "caption": f"caption {i}"}
+
+  builder = InfdiffTinyCaptions(data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare()
+  return builder.name

@@ -415,3 +415,23 @@ def test_whole_grid_targets_stack_per_batch(plain):
     np.testing.assert_allclose(batch["scale"], side / 8)
     sides.add(side)
   assert len(sides) > 1
+
+
+def test_tfds_source_on_disk(tmp_path):
+  import sys  # noqa: PLC0415
+
+  name = fx.write_tfds_dataset(str(tmp_path))
+  src = sources.make_source(f"tfds:{name}", split="train", data_dir=str(tmp_path))
+  assert len(src) == 4 and all("encoded" in src[i] for i in range(4))
+  # TFDS shuffles examples when writing: match them by caption, not by index.
+  assert {src[i]["caption"] for i in range(4)} == {f"caption {i}" for i in range(4)}
+  cfg = _cfg(f"tfds:{name}", data_dir=str(tmp_path), split="train")
+  loader = pipeline.make_loader(cfg, _small_square, global_batch_size=1, seed=0, num_epochs=1)
+  caps = [b["caption"][0] for b in loader]
+  # The truncated example ('caption 3') is replaced by another one, never yielded.
+  assert set(caps) == {"caption 0", "caption 1", "caption 2"} and len(caps) == 4
+  assert loader.skip_counts()["truncated"] == 1
+  assert "tensorflow" not in sys.modules
+  with pytest.raises(ValueError) as e:
+    sources.make_source("tfds:no_such_dataset_here", data_dir=str(tmp_path))
+  assert "\n" not in str(e.value)

@@ -9,7 +9,8 @@
                       {"file": "rel/path.jpg", "caption": "..."}, or, without that file, a
                       sidecar rel/path.txt next to each image (missing sidecar -> '').
   'tfds:name'         `tfds.data_source(name, split=split, data_dir=data_dir)` (array_record,
-                      images stored encoded; read without TensorFlow).
+                      images stored encoded; read without TensorFlow; never downloads: the
+                      dataset must be prepared in data_dir beforehand).
 
 Record format. `source[i]` is a dict with 'caption' (str, '' if none), 'id' (str: file path
 or index) and either 'image' (uint8 [H, W, 3] RGB) or 'encoded' (the file's bytes). File
@@ -325,9 +326,21 @@ def tfds_source(
   import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy; only this source needs it)
 
   try:
-    src = tfds.data_source(name, split=split, data_dir=data_dir)
+    # download=False: never fetch at run time, the dataset must already be prepared.
+    # SkipDecoding: keep the image encoded so our robust decoder (with its size guard and
+    # skip accounting) decodes it in the pipeline, not TFDS in the source.
+    src = tfds.data_source(
+        name,
+        split=split,
+        data_dir=data_dir,
+        download=False,
+        decoders={image_feature: tfds.decode.SkipDecoding()},
+    )
   except Exception as e:  # tfds raises many types for a missing/unprepared dataset
-    raise ValueError(f"data source 'tfds:{name}' (split={split}, data_dir={data_dir}): {e}")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(
+        f"data source 'tfds:{name}' (split={split}, data_dir={data_dir}): {first}"
+    ) from e
   return TfdsSource(src, f"tfds:{name}", image_feature, caption_feature, min_size, max_pixels)
 
 
