@@ -67,7 +67,9 @@ def read_safetensors(kind: str, path: str, files: Iterable[str]) -> dict[str, np
     try:
       tensors = load_file(full)
     except Exception as e:  # safetensors raises several types for corrupt files.
-      raise CheckpointFormatError(f"{kind} checkpoint file {full} is not readable safetensors: {e}")
+      raise CheckpointFormatError(
+          f"{kind} checkpoint file {full} is not readable safetensors: {e}"
+      ) from e
     out.update(tensors)
   return out
 
@@ -212,7 +214,10 @@ def layer_norm(eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32, name=N
   )
 
 
-def param(module: nn.Module, name: str, shape, axes, init=nn.initializers.normal(0.02)):
+_NORMAL = nn.initializers.normal(0.02)
+
+
+def param(module: nn.Module, name: str, shape, axes, init=_NORMAL):
   """A free parameter (embedding table, class token) with logical names."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.param_dtype)
 

@@ -1,0 +1,160 @@
+"""Parity of the pretrained Linen ports with their PyTorch references, torch-free.
+
+The fixtures under tests/fixtures/pretrained/ were written by
+scripts/make_parity_fixtures.py: tiny random-weight reference models (transformers,
+lpips, pytorch-fid) saved in the real checkpoint layouts, with inputs and outputs.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infdiff import pretrained
+from infdiff.pretrained import common, dinov2, testing
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "pretrained")
+TOL = 1e-4
+
+
+def fixture(kind):
+  path = os.path.join(FIXTURES, kind)
+  return path, dict(np.load(os.path.join(path, "parity.npz")))
+
+
+def max_diff(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+def test_dinov2_parity_non_square_with_pos_interpolation_and_resize():
+  path, ref = fixture("dinov2")
+  model, params = pretrained.load("dinov2", path)
+  assert model.pretrain_image_size // model.patch_size == 3  # 3x3 table, inputs need 5x7, 5x8
+  apply = jax.jit(model.apply)
+  for tag in ("a", "b"):
+    out = apply(params, jnp.asarray(ref[f"images_{tag}"]))
+    assert out["patch_tokens"].shape == ref[f"patch_{tag}"].shape
+    assert max_diff(out["cls_token"], ref[f"cls_{tag}"]) <= TOL
+    assert max_diff(out["patch_tokens"], ref[f"patch_{tag}"]) <= TOL
+
+
+def test_qwen3_parity_with_and_without_padding():
+  path, ref = fixture("qwen3")
+  model, params = pretrained.load("qwen3", path)  # sharded: index + 3 shards
+  ids, mask = pretrained.tokenize(path, list(ref["texts"]), ref["input_ids"].shape[1])
+  np.testing.assert_array_equal(ids, ref["input_ids"])
+  np.testing.assert_array_equal(mask, ref["attention_mask"])
+  assert (mask[:, 0] == 1).all() and (np.diff(mask, axis=1) <= 0).all()  # right padding
+  hidden = np.asarray(jax.jit(model.apply)(params, ids, mask))
+  valid = mask.astype(bool)
+  assert max_diff(hidden[valid], ref["hidden_padded"][valid]) <= TOL
+  for b in range(len(ids)):
+    n = int(mask[b].sum())
+    alone = model.apply(params, ids[b : b + 1, :n])[0]
+    assert max_diff(alone, ref["hidden_single"][b, :n]) <= TOL
+    assert max_diff(alone, hidden[b, :n]) <= TOL  # padding does not change valid tokens
+
+
+def test_clip_parity_image_and_text():
+  path, ref = fixture("clip")
+  model, params = pretrained.load("clip", path)
+  out = model.apply(
+      params,
+      images=jnp.asarray(ref["images"]),
+      input_ids=ref["input_ids"],
+      attention_mask=ref["attention_mask"],
+  )
+  assert max_diff(out["image_embeds"], ref["image_embeds"]) <= TOL
+  assert max_diff(out["text_embeds"], ref["text_embeds"]) <= TOL
+  ids, mask = pretrained.tokenize(path, ["a photo of a cat"], ref["input_ids"].shape[1])
+  np.testing.assert_array_equal(ids[0], ref["input_ids"][0])
+  assert set(model.apply(params, input_ids=ids, attention_mask=mask)) == {"text_embeds"}
+
+
+def test_lpips_vgg16_parity():
+  path, ref = fixture("lpips_vgg16")
+  model, params = pretrained.load("lpips_vgg16", path)
+  assert model.widths == (8, 16, 32, 64, 64)
+  d = model.apply(params, jnp.asarray(ref["x0"]), jnp.asarray(ref["x1"]))
+  assert d.shape == ref["distance"].shape
+  assert max_diff(d, ref["distance"]) <= TOL
+  assert float(d[0]) == 0.0 and float(d[1]) > 0.0
+
+
+def test_inception_fid_parity():
+  path, ref = fixture("inception_fid")
+  model, params = pretrained.load("inception_fid", path)
+  assert model.width_divisor == 8
+  out = jax.jit(model.apply)(params, jnp.asarray(ref["images"]))
+  assert out["pool"].shape == ref["pool"].shape == (2, 2048 // 8)
+  assert max_diff(out["pool"], ref["pool"]) <= TOL
+
+
+@pytest.mark.parametrize("kind", sorted(pretrained.KINDS))
+def test_missing_checkpoint_is_one_line_error(kind, tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    pretrained.load(kind, tmp_path / "nope")
+  assert "\n" not in str(e.value) and kind in str(e.value)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(pretrained.CheckpointNotFoundError) as e:
+    pretrained.load(kind, tmp_path / "empty")
+  msg = str(e.value)
+  assert "\n" not in msg and "missing" in msg and ".safetensors" in msg
+
+
+def test_tiny_writers_load_with_logical_axes(tmp_path):
+  writers = {
+      "dinov2": testing.write_tiny_dinov2,
+      "qwen3": testing.write_tiny_qwen3,
+      "clip": testing.write_tiny_clip,
+      "lpips_vgg16": testing.write_tiny_lpips_vgg16,
+      "inception_fid": testing.write_tiny_inception_fid,
+  }
+  for kind, write in writers.items():
+    model, params = pretrained.load(kind, write(tmp_path / kind))
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(x.dtype == jnp.float32 for x in leaves)
+  # Every parameter carries logical axis names (checked on the DINOv2 init).
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  for leaf in jax.tree.leaves(boxed["params"], is_leaf=lambda x: hasattr(x, "names")):
+    assert hasattr(leaf, "names")
+
+
+def test_dinov2_swiglu_bf16_and_config_mismatch(tmp_path):
+  path = testing.write_tiny_dinov2(tmp_path / "g", use_swiglu_ffn=True)
+  model, params = pretrained.load("dinov2", path, image_size=(8, 12))
+  x = jnp.asarray(np.random.default_rng(0).random((2, 13, 17, 3)), jnp.float32)
+  out = model.apply(params, x)
+  assert out["patch_tokens"].shape == (2, 2, 3, 32)
+  model16 = dinov2.Dinov2(**{**model_fields(model), "dtype": jnp.bfloat16})
+  out16 = model16.apply(params, x)
+  assert out16["patch_tokens"].dtype == jnp.bfloat16
+  rel = max_diff(out16["patch_tokens"], out["patch_tokens"]) / float(
+      jnp.abs(out["patch_tokens"]).max()
+  )
+  assert rel < 0.05
+  # A config that disagrees with the weights fails at load time, in one line.
+  with pytest.raises(common.CheckpointFormatError) as e:
+    pretrained.load("dinov2", path, hidden_size=16)
+  assert "\n" not in str(e.value)
+
+
+def model_fields(model):
+  return {f: getattr(model, f) for f in model.__dataclass_fields__ if f not in ("parent", "name")}
+
+
+def test_resize_matches_identity_and_preserves_constants():
+  x = jnp.ones((1, 7, 9, 3))
+  for method in ("bilinear", "bicubic"):
+    for aa in (False, True):
+      y = common.resize(x, (13, 4), method, aa)
+      assert y.shape == (1, 13, 4, 3) and max_diff(y, 1.0) < 1e-6
+  assert common.resize(x, (7, 9), "bicubic", True) is x
+
+
+def test_no_torch_imported():
+  import sys
+
+  assert "torch" not in sys.modules
