@@ -435,3 +435,13 @@ def test_tfds_source_on_disk(tmp_path):
   with pytest.raises(ValueError) as e:
     sources.make_source("tfds:no_such_dataset_here", data_dir=str(tmp_path))
   assert "\n" not in str(e.value)
+
+
+def test_symlink_cycle_and_plain_dict_config(tmp_path):
+  fx.write_plain_folder(str(tmp_path / "a"), 2)
+  os.symlink(str(tmp_path), str(tmp_path / "a" / "loop"))  # a folder cycle
+  src = sources.make_source(f"folder:{tmp_path}", split="all")
+  assert sorted(os.path.basename(p) for p in src.paths) == ["img_000.png", "img_001.png"]
+  cfg = {"source": f"folder:{tmp_path}", "split": "all", "num_threads": 1}
+  loader = pipeline.make_loader(cfg, "random_resized_square", global_batch_size=2, seed=0)
+  assert next(loader)["image"].shape == (2, 64, 64, 3)

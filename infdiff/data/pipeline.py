@@ -62,7 +62,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.split = "train"  # 'train'/'eval'/'all' (hash split of files) or a TFDS split string
   c.eval_fraction = sources_lib.DEFAULT_EVAL_FRACTION  # files held out as 'eval' (hash split)
   c.min_size = decode_lib.DEFAULT_MIN_SIZE  # skip images with a smaller side
-  c.max_pixels = decode_lib.DEFAULT_MAX_PIXELS  # skip images with more pixels (2**26)
+  # Skip images with more pixels (2**26). PIL's own bomb guard caps this at ~179M pixels.
+  c.max_pixels = decode_lib.DEFAULT_MAX_PIXELS
   c.num_threads = 2  # reader threads (on 2 cores threads beat processes)
   c.num_workers = 0  # worker processes (grain mp_prefetch); 0 = threads only
   c.prefetch_buffer_size = 4  # batches buffered by the reader threads
@@ -88,11 +89,22 @@ def _get(cfg, name: str):
   return default_data_config()[name]
 
 
+def _transform_kwargs(data_cfg, name: str) -> dict[str, Any]:
+  """The config's transform kwargs when they belong to transform `name`, else {}."""
+  if name != _get(data_cfg, "transform"):
+    return {}  # the kwargs in the config are for another transform
+  if "transform_kwargs" in data_cfg:
+    return dict(data_cfg["transform_kwargs"] or {})
+  # No kwargs given: the defaults only fit the default transform.
+  default = default_data_config()
+  return dict(default.transform_kwargs) if name == default.transform else {}
+
+
 def source_from_config(data_cfg, *, split: str | None = None) -> Any:
   """`sources.make_source` with the fields of a data config."""
   kw = dict(_get(data_cfg, "source_kwargs") or {})
   return sources_lib.make_source(
-      data_cfg.source,
+      _get(data_cfg, "source"),
       split=split or _get(data_cfg, "split"),
       data_dir=_get(data_cfg, "data_dir"),
       min_size=_get(data_cfg, "min_size"),
@@ -235,7 +247,8 @@ def make_loader(
   """Builds this process's iterator over batches.
 
   Args:
-    data_cfg: a data ConfigDict (see `default_data_config`; missing fields take defaults).
+    data_cfg: a data ConfigDict or dict (see `default_data_config`; missing fields take
+      the defaults).
     transform: a callable `(record, rng, batch_rng) -> record`, a registered transform
       name, or None for `data_cfg.transform` with `data_cfg.transform_kwargs`.
     global_batch_size: rows per step over all processes; must divide by process_count.
@@ -269,8 +282,7 @@ def make_loader(
   if transform is None:
     transform = _get(data_cfg, "transform")
   if isinstance(transform, str):
-    kwargs = dict(_get(data_cfg, "transform_kwargs") or {})
-    transform = transforms_lib.make_transform(transform, **kwargs)
+    transform = transforms_lib.make_transform(transform, **_transform_kwargs(data_cfg, transform))
 
   read = _ReadRecord(
       source=source,

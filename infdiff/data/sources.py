@@ -189,7 +189,13 @@ def scan_files(
 def list_images(root: str) -> list[str]:
   """Image files under root (recursive, extension case-insensitive), sorted relative paths."""
   found = []
+  seen = set()  # real paths of visited folders: symlinked folders are followed, cycles not
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:
+      dirnames[:] = []
+      continue
+    seen.add(real)
     dirnames.sort()
     for fn in filenames:
       if fn.lower().endswith(IMAGE_EXTENSIONS):
@@ -252,7 +258,12 @@ def captions_source(root: str, *, split: str, eval_fraction: float, **scan_kw) -
 def photos_source(
     *, split: str, eval_fraction: float, include_gray: bool = False, **scan_kw
 ) -> FileSource:
-  """The photographs bundled in scikit-image's package directory (read with PIL)."""
+  """The photographs bundled in scikit-image's package directory (read with PIL).
+
+  There are only 9 colour photos (17 with include_gray), so the default eval_fraction
+  (0.05) holds none out and split='eval' raises; use eval_fraction=0.25 (rocket.jpg and
+  gravel.png go to 'eval') or split='all' for demos.
+  """
   import skimage  # noqa: PLC0415  (only this source needs it)
 
   root = os.path.join(os.path.dirname(skimage.__file__), "data")
