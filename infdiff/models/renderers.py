@@ -1,0 +1,240 @@
+"""Neural-image-field renderers: latent grid + query coordinates -> RGB.
+
+One interface for all renderers:
+
+    rgb = renderer(latent, coords, cells, valid=None)
+
+- latent: [B, h, w, C] feature grid (cell centres follow the pixel-centre convention).
+- coords: [B, H, W, 2] a grid of query coordinates (row, col), e.g. a window of the
+  full render's grid from `infdiff.fields.crop_grid`; it may extend beyond [-1, 1]^2.
+- cells: [B, 2] pixel cell (2 / H_full, 2 / W_full) of the full render the grid
+  belongs to.
+- valid: optional [B, H, W] bool, True for queries that are real pixels of the full
+  render. Queries marked False are treated exactly like the zero padding beyond the
+  image border of an untiled render (masked attention keys for CQAR, zeroed conv inputs
+  for CLIF; LIIF is pointwise and ignores it). Tiled rendering uses it for halo queries
+  outside the image; None means all queries are real.
+- returns [B, H, W, 3] float32 RGB on the scale of the encoder's [0, 1] input
+  (unbounded; clip when saving images).
+
+Every renderer also reports what seamless tiling needs (infdiff/render.py):
+- `halo()`: output pixels of context each side of a tile so that the tile centre equals
+  the untiled render;
+- `tile_align()`: tile origins (and the halo and tile size) must be multiples of it.
+
+Renderers are picked by name with `make_renderer('cqar' | 'liif' | 'clif', **fields)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from infdiff import fields
+from infdiff.models import swin
+from infdiff.models.edsr import conv3x3
+
+
+def _dense(features, axes, dtype, param_dtype, name):
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+      name=name,
+  )
+
+
+def _latent_units(latent: jax.Array, coords: jax.Array, cells: jax.Array) -> jax.Array:
+  """Cell of each query in latent-cell units c * (h, w) / 2, broadcast to [B, H, W, 2]."""
+  size = jnp.array(latent.shape[1:3], coords.dtype)
+  rel = cells.astype(coords.dtype) * size / 2.0  # [B, 2]
+  return jnp.broadcast_to(rel[:, None, None, :], coords.shape)
+
+
+class CQAR(nn.Module):
+  """Coordinate-Queried Attention Renderer (RaPD Sec. 3.3, App. B.4).
+
+  One token per query, `[z(v*), (x_q - v*) (h, w) / 2, c_q (h, w) / 2, x_q]` -> Linear
+  -> `depth` Swin blocks over the query grid (odd blocks shifted by window / 2) ->
+  LayerNorm -> Linear(3). Convolution-free. Grids that are not multiples of the window
+  are padded at the bottom/right and the padding is masked out as attention keys.
+  Windows are anchored at the grid origin (row 0, col 0 of `coords`).
+  """
+
+  dim: int = 256  # token width D (Table 5: 256)
+  depth: int = 4  # Swin blocks (Table 5: 4)
+  num_heads: int = 4  # attention heads (Table 5: 4)
+  window: int = 8  # window size w, even (Table 5: 8)
+  expansion: int = 4  # gated FFN expansion factor (choice)
+  dtype: jnp.dtype = jnp.float32  # compute dtype
+  param_dtype: jnp.dtype = jnp.float32  # parameter dtype
+
+  def halo(self) -> int:
+    """Tiling context: covers what leaks in from a tile edge, rounded up to windows.
+
+    With tile origins on the window lattice, regular windows of a tile coincide with the
+    untiled ones; each shifted block after the first block lets the clipped border
+    windows of a tile differ by w / 2 more, so (depth - 1) * w / 2 edge pixels can
+    differ. Rounded up to a multiple of w and at least one window (16 for the defaults).
+    """
+    reach = max(self.depth - 1, 0) * (self.window // 2)
+    return max(1, math.ceil(reach / self.window)) * self.window
+
+  def tile_align(self) -> int:
+    """Tile origins, tile sizes and the halo must be multiples of the window."""
+    return self.window
+
+  @nn.compact
+  def __call__(self, latent, coords, cells, valid=None) -> jax.Array:
+    """Renders a grid of queries; see the module docstring for shapes."""
+    if self.window % 2:
+      raise ValueError(f"window must be even for the w/2 shift, got {self.window}")
+    b, hq, wq, _ = coords.shape
+    q = fields.nearest_latent(latent, coords)
+    tokens = jnp.concatenate(
+        [q.feature.astype(coords.dtype), q.offset, _latent_units(latent, coords, cells), coords],
+        axis=-1,
+    )  # [B, H, W, C + 6]
+    x = _dense(self.dim, ("latent", "embed"), self.dtype, self.param_dtype, "embed")(tokens)
+    if valid is None:
+      valid = jnp.ones((b, hq, wq), bool)
+    x = swin.pad_to_multiple(x, self.window)  # [B, Hp, Wp, D]
+    valid = swin.pad_to_multiple(valid, self.window, value=False)  # [B, Hp, Wp]
+    x = nn.with_logical_constraint(x, ("batch", "height", "width", "embed"))
+    for i in range(self.depth):
+      x = swin.SwinBlock(
+          self.dim,
+          self.num_heads,
+          self.window,
+          shift=(self.window // 2) if i % 2 else 0,
+          expansion=self.expansion,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"block{i}",
+      )(x, valid)
+    x = swin.layer_norm(self.dtype, self.param_dtype, "norm_out")(x[:, :hq, :wq])
+    rgb = _dense(3, ("embed", None), self.dtype, self.param_dtype, "head")(x)
+    return rgb.astype(jnp.float32)  # [B, H, W, 3]
+
+
+class LIIF(nn.Module):
+  """Local implicit image function with local ensemble and cell decoding (Chen et al.).
+
+  For each query, the four latent cells around it (shifts of +-0.5 cell) each predict
+  RGB from `[z(v), (x_q - v) (h, w) / 2, c_q (h, w) / 2]` with a pointwise MLP; the
+  predictions are blended with the area of the rectangle to the diagonally opposite
+  neighbour, i.e. bilinear-like weights. Pointwise, so tiles need no halo.
+  """
+
+  hidden: tuple[int, ...] = (256, 256, 256, 256)  # MLP hidden widths (LIIF's default)
+  dtype: jnp.dtype = jnp.float32  # compute dtype
+  param_dtype: jnp.dtype = jnp.float32  # parameter dtype
+
+  def halo(self) -> int:
+    """Pointwise: a query never sees its neighbours."""
+    return 0
+
+  def tile_align(self) -> int:
+    """Any tile origin works."""
+    return 1
+
+  @nn.compact
+  def __call__(self, latent, coords, cells, valid=None) -> jax.Array:
+    """Renders a grid of queries; `valid` is accepted for the interface and unused."""
+    del valid
+    rel_cell = _latent_units(latent, coords, cells)
+    inputs, areas = [], []
+    # Order (-,-), (-,+), (+,-), (+,+): index 3 - k is the diagonal partner of k.
+    for dy in (-0.5, 0.5):
+      for dx in (-0.5, 0.5):
+        q = fields.nearest_latent(latent, coords, shift=(dy, dx))
+        inputs.append(jnp.concatenate([q.feature.astype(coords.dtype), q.offset, rel_cell], -1))
+        areas.append(jnp.abs(q.offset[..., 0] * q.offset[..., 1]) + 1e-9)  # [B, H, W]
+    h = jnp.stack(inputs)  # [4, B, H, W, C + 4]
+    in_axis = "latent"
+    for i, width in enumerate(self.hidden):
+      out_axis = "mlp" if i % 2 == 0 else "embed"
+      h = nn.relu(_dense(width, (in_axis, out_axis), self.dtype, self.param_dtype, f"fc{i}")(h))
+      in_axis = out_axis
+    pred = _dense(3, (in_axis, None), self.dtype, self.param_dtype, "head")(h)
+    pred = pred.astype(jnp.float32)  # [4, B, H, W, 3]
+    areas = jnp.stack(areas[::-1])  # diagonal swap: weight k = area of neighbour 3 - k
+    weights = areas / jnp.sum(areas, axis=0, keepdims=True)
+    return jnp.sum(pred * weights[..., None], axis=0)  # [B, H, W, 3]
+
+
+class CLIF(nn.Module):
+  """Convolutional local image function (INFD): nearest feature + relative coordinate
+  and cell, then conv3x3 -> ResBlocks -> conv3x3 over the query grid.
+
+  The ResBlocks are conv-ReLU-conv without normalisation: a norm over the spatial extent
+  (e.g. GroupNorm) would make a pixel depend on the whole grid, breaking both scale
+  consistency of crops and seamless tiling.
+  """
+
+  features: int = 128  # conv width (choice; INFD calls its renderer lightweight)
+  n_resblocks: int = 2  # residual blocks (INFD: 2)
+  dtype: jnp.dtype = jnp.float32  # compute dtype
+  param_dtype: jnp.dtype = jnp.float32  # parameter dtype
+
+  def receptive_radius(self) -> int:
+    """Pixels each side an output depends on: one per 3x3 conv."""
+    return 2 + 2 * self.n_resblocks
+
+  def halo(self) -> int:
+    """More than the receptive radius (8 for the defaults, INFD's tile padding)."""
+    return self.receptive_radius() + 2
+
+  def tile_align(self) -> int:
+    """Convolutions are translation-equivariant: any tile origin works."""
+    return 1
+
+  @nn.compact
+  def __call__(self, latent, coords, cells, valid=None) -> jax.Array:
+    """Renders a grid of queries; see the module docstring for shapes."""
+    q = fields.nearest_latent(latent, coords)
+    x = jnp.concatenate(
+        [q.feature.astype(coords.dtype), q.offset, _latent_units(latent, coords, cells)], -1
+    ).astype(
+        self.dtype
+    )  # [B, H, W, C + 4]
+    if valid is None:
+      mask = lambda t: t
+    else:
+      # Zeroing non-pixels before every conv reproduces the conv's zero padding at the
+      # image border when the grid extends past it (tiles with a halo).
+      m = valid[..., None].astype(self.dtype)
+      mask = lambda t: t * m
+    conv = lambda n, name: conv3x3(n, self.dtype, self.param_dtype, name)
+    x = conv(self.features, "conv_in")(mask(x))
+    for i in range(self.n_resblocks):
+      h = nn.relu(conv(self.features, f"block{i}_conv1")(mask(x)))
+      x = x + conv(self.features, f"block{i}_conv2")(mask(h))
+    rgb = conv(3, "conv_out")(mask(x))
+    return rgb.astype(jnp.float32)  # [B, H, W, 3]
+
+
+RENDERERS: dict[str, type[nn.Module]] = {"cqar": CQAR, "liif": LIIF, "clif": CLIF}
+
+
+def make_renderer(name: str, **kwargs) -> nn.Module:
+  """Builds a renderer by name.
+
+  Args:
+    name: one of RENDERERS ('cqar', 'liif', 'clif').
+    **kwargs: dataclass fields of that renderer (dim, depth, window, dtype, ...).
+
+  Returns:
+    An unbound Linen module with the renderer interface of this file.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name not in RENDERERS:
+    raise ValueError(f"unknown renderer {name!r}; known: {sorted(RENDERERS)}")
+  return RENDERERS[name](**kwargs)

@@ -1,0 +1,291 @@
+"""Swin-style window attention over a 2-D grid of tokens (CQAR's blocks).
+
+Layout conventions: token grids are [B, H, W, D] with H and W multiples of the window
+size `w`; a window partition is [B, nW, w*w, D] with windows in row-major order and the
+tokens of a window in row-major order.
+
+Masking: attention is restricted by two boolean masks, both "True = may attend":
+- the shifted-window mask: after a cyclic shift by `shift`, a window can hold tokens
+  that were far apart before the shift (the wrapped border strips); they must not
+  attend to each other (Swin, RaPD Eq. 16).
+- a key mask: padding tokens (grid positions that are not real output pixels) are
+  never used as keys, so real tokens' outputs do not depend on them.
+
+Together they make the partition equivalent to an infinite lattice of windows (origin 0
+for regular blocks, origin w/2 for shifted blocks) restricted to the real tokens. That
+is what lets tiled rendering reproduce an untiled render exactly (see infdiff/render.py).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Logit assigned to forbidden pairs. A finite value (not -inf) keeps fully masked rows
+# (queries that are themselves padding) finite: their softmax is uniform and unused,
+# instead of NaN that could leak through 0 * NaN into later layers.
+_MASK_LOGIT = -1e30
+
+
+def window_partition(x: jax.Array, w: int) -> jax.Array:
+  """Splits a token grid into non-overlapping w x w windows (numpy or jax arrays).
+
+  Args:
+    x: [B, H, W, D] with H and W multiples of w.
+    w: window size.
+
+  Returns:
+    [B, (H/w)*(W/w), w*w, D], windows row-major, tokens row-major inside a window.
+  """
+  b, h, wd, d = x.shape
+  x = x.reshape(b, h // w, w, wd // w, w, d)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // w) * (wd // w), w * w, d)
+
+
+def window_reverse(windows: jax.Array, w: int, h: int, wd: int) -> jax.Array:
+  """Inverse of `window_partition`: [B, nW, w*w, D] -> [B, h, wd, D]."""
+  b, _, _, d = windows.shape
+  x = windows.reshape(b, h // w, wd // w, w, w, d)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h, wd, d)
+
+
+def relative_position_index(w: int) -> np.ndarray:
+  """Index into the (2w-1)^2 relative-position table for every token pair of a window.
+
+  Returns:
+    [w*w, w*w] int32, entry (p, q) = (dy + w - 1) * (2w - 1) + (dx + w - 1) with
+    (dy, dx) = pos(p) - pos(q), tokens numbered row-major inside the window.
+  """
+  pos = np.stack(np.meshgrid(np.arange(w), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
+  rel = pos[:, None, :] - pos[None, :, :] + (w - 1)  # [N, N, 2] in [0, 2w-2]
+  return (rel[..., 0] * (2 * w - 1) + rel[..., 1]).astype(np.int32)
+
+
+def _strip_labels(n: int, w: int, shift: int) -> np.ndarray:
+  """Per-row (or column) region label of a cyclically shifted axis of length n.
+
+  Position p of the shifted axis holds the token originally at (p + shift) mod n; that
+  token belongs to window (orig + shift) // w of the lattice offset by -shift. The
+  wrapped strip [n - shift, n) of the shifted axis (original [0, shift)) gets label 0 and
+  the strip next to it (original [n - shift, n)) gets n // w, so the two strips merged
+  into the last window never match.
+  """
+  orig = (np.arange(n) + shift) % n
+  return (orig + shift) // w
+
+
+def shifted_window_mask(hp: int, wp: int, w: int, shift: int) -> np.ndarray:
+  """Which token pairs of each window may attend after a cyclic shift by `shift`.
+
+  Args:
+    hp: padded grid height (multiple of w).
+    wp: padded grid width (multiple of w).
+    w: window size.
+    shift: cyclic shift applied to the grid (0 for regular blocks, w // 2 for shifted).
+
+  Returns:
+    [nW, w*w, w*w] bool, True where query p and key q come from the same region of the
+    unshifted grid. All True when shift == 0.
+  """
+  if shift == 0:
+    return np.ones(((hp // w) * (wp // w), w * w, w * w), bool)
+  ly = _strip_labels(hp, w, shift)
+  lx = _strip_labels(wp, w, shift)
+  labels = ly[:, None] * (wp + 1) + lx[None, :]  # [hp, wp] unique per region
+  lab = window_partition(labels[None, :, :, None], w)[0, ..., 0]  # numpy in, numpy out
+  return lab[:, :, None] == lab[:, None, :]
+
+
+def key_padding_mask(valid: jax.Array, w: int, shift: int) -> jax.Array:
+  """Per-window key mask from a per-token validity grid.
+
+  Args:
+    valid: [B, Hp, Wp] bool, True for real tokens (unshifted layout).
+    w: window size.
+    shift: cyclic shift of the block (applied here exactly as to the tokens).
+
+  Returns:
+    [B, nW, 1, w*w] bool, True where the key token is real.
+  """
+  if shift:
+    valid = jnp.roll(valid, (-shift, -shift), axis=(1, 2))
+  return window_partition(valid[..., None], w)[..., 0][:, :, None, :]
+
+
+def pad_to_multiple(x: jax.Array, w: int, value=0) -> jax.Array:
+  """Pads axes 1 and 2 of x ([B, H, W, ...]) at the end up to multiples of w."""
+  ph, pw = -x.shape[1] % w, -x.shape[2] % w
+  if ph == 0 and pw == 0:
+    return x
+  pads = [(0, 0), (0, ph), (0, pw)] + [(0, 0)] * (x.ndim - 3)
+  return jnp.pad(x, pads, constant_values=value)
+
+
+def masked_attention_weights(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+  """Softmax over the last axis with forbidden entries set to exactly 0.
+
+  Args:
+    logits: [..., Nq, Nk] pre-softmax scores (any float dtype; softmax runs in float32).
+    allowed: bool, broadcastable to logits.
+
+  Returns:
+    float32 weights of logits' shape; rows sum to 1 over allowed keys.
+  """
+  logits = jnp.where(allowed, logits.astype(jnp.float32), _MASK_LOGIT)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _dense(features, axes, dtype, param_dtype, name, use_bias=True):
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+      name=name,
+  )
+
+
+def layer_norm(dtype, param_dtype, name):
+  """LayerNorm whose scale and bias carry the 'norm' logical axis."""
+  return nn.LayerNorm(
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+      name=name,
+  )
+
+
+class WindowAttention(nn.Module):
+  """(Shifted-)window multi-head self-attention with a learned relative position bias."""
+
+  dim: int = 256  # model width D
+  num_heads: int = 4  # attention heads; head dim = dim // num_heads
+  window: int = 8  # window size w (tokens per side)
+  shift: int = 0  # cyclic shift; 0 for regular blocks, window // 2 for shifted ones
+  dtype: jnp.dtype = jnp.float32  # compute dtype
+  param_dtype: jnp.dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+    """Attends within windows.
+
+    Args:
+      x: [B, Hp, Wp, D] tokens, Hp and Wp multiples of the window.
+      valid: [B, Hp, Wp] bool, False for padding tokens (never used as keys).
+
+    Returns:
+      [B, Hp, Wp, D].
+    """
+    b, hp, wp, d = x.shape
+    w, s, nh = self.window, self.shift, self.num_heads
+    if d % nh:
+      raise ValueError(f"dim {d} is not divisible by num_heads {nh}")
+    hd = d // nh
+    if s:
+      x = jnp.roll(x, (-s, -s), axis=(1, 2))
+    xw = window_partition(x, w)  # [B, nW, N, D]
+
+    def proj(name):
+      return nn.DenseGeneral(
+          (nh, hd),
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.xavier_uniform(), ("embed", "heads", "kv")
+          ),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
+          name=name,
+      )
+
+    q = proj("query")(xw) * (hd**-0.5)  # [B, nW, N, nh, hd]
+    k = proj("key")(xw)
+    v = proj("value")(xw)
+    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k)  # [B, nW, nh, N, N]
+
+    table = self.param(
+        "rel_pos_bias",
+        nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), ("rel_pos", "heads")),
+        ((2 * w - 1) ** 2, nh),
+        self.param_dtype,
+    )
+    idx = relative_position_index(w)
+    bias = jnp.asarray(table)[idx].transpose(2, 0, 1)  # [nh, N, N]
+    logits = logits + bias.astype(logits.dtype)
+
+    region = jnp.asarray(shifted_window_mask(hp, wp, w, s))[None, :, None]  # [1, nW, 1, N, N]
+    keys = key_padding_mask(valid, w, s)[:, :, None]  # [B, nW, 1, 1, N]
+    weights = masked_attention_weights(logits, region & keys)
+    self.sow("intermediates", "attention_weights", weights)
+    out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights.astype(self.dtype), v)
+    out = nn.DenseGeneral(
+        d,
+        axis=(-2, -1),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), ("heads", "kv", "embed")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name="out",
+    )(
+        out
+    )  # [B, nW, N, D]
+    out = window_reverse(out, w, hp, wp)
+    if s:
+      out = jnp.roll(out, (s, s), axis=(1, 2))
+    return out
+
+
+class GatedFFN(nn.Module):
+  """W2(GELU(W1 x) * W3 x) (RaPD Eq. 17)."""
+
+  dim: int = 256  # model width D
+  expansion: int = 4  # hidden width = expansion * dim (choice)
+  dtype: jnp.dtype = jnp.float32  # compute dtype
+  param_dtype: jnp.dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = self.expansion * self.dim
+    a = _dense(hidden, ("embed", "mlp"), self.dtype, self.param_dtype, "w1")(x)
+    g = _dense(hidden, ("embed", "mlp"), self.dtype, self.param_dtype, "w3")(x)
+    return _dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, "w2")(nn.gelu(a) * g)
+
+
+class SwinBlock(nn.Module):
+  """x = x + WMSA(LN(x)); x = x + GatedFFN(LN(x)) (RaPD Eqs. 13-14)."""
+
+  dim: int = 256  # model width D
+  num_heads: int = 4  # attention heads
+  window: int = 8  # window size w
+  shift: int = 0  # cyclic shift (0 or window // 2)
+  expansion: int = 4  # gated FFN expansion factor (choice)
+  dtype: jnp.dtype = jnp.float32  # compute dtype
+  param_dtype: jnp.dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+    """Args: x [B, Hp, Wp, D]; valid [B, Hp, Wp] bool. Returns [B, Hp, Wp, D]."""
+    h = layer_norm(self.dtype, self.param_dtype, "norm1")(x)
+    x = x + WindowAttention(
+        self.dim,
+        self.num_heads,
+        self.window,
+        self.shift,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="attn",
+    )(h, valid)
+    h = layer_norm(self.dtype, self.param_dtype, "norm2")(x)
+    x = x + GatedFFN(
+        self.dim, self.expansion, dtype=self.dtype, param_dtype=self.param_dtype, name="ffn"
+    )(h)
+    return nn.with_logical_constraint(x, ("batch", "height", "width", "embed"))
