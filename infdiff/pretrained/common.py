@@ -46,7 +46,7 @@ def require_files(kind: str, path: str | os.PathLike, files: Sequence[str]) -> s
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointNotFoundError(
-        f"{kind} checkpoint directory {path} does not exist (expected {', '.join(files)})"
+        f"{kind} checkpoint directory {path} is not a directory (expected {', '.join(files)})"
     )
   missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
   if missing:

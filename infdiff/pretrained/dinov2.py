@@ -92,7 +92,8 @@ class Dinov2(nn.Module):
     if self.image_size is not None:
       return tuple(self.image_size)
     p = self.patch_size
-    return max(p, round(h / p) * p), max(p, round(w / p) * p)
+    nearest = lambda n: max(1, int(n / p + 0.5)) * p  # halves round up
+    return nearest(h), nearest(w)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:

@@ -9,6 +9,7 @@ unspecified values; consumers must mask them.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -200,8 +201,6 @@ def load(path: str, **overrides) -> tuple[Qwen3, dict[str, Any]]:
   Returns:
     (model, params) for `model.apply(params, input_ids, attention_mask)`.
   """
-  import os
-
   has_index = os.path.isfile(os.path.join(os.fspath(path), "model.safetensors.index.json"))
   weights = "model.safetensors.index.json" if has_index else "model.safetensors"
   path = common.require_files("qwen3", path, ["config.json", weights])

@@ -6,6 +6,8 @@ DINOv2 teacher):
     path = infdiff.pretrained.testing.write_tiny_dinov2(tmp_path / "dinov2")
     model, params = infdiff.pretrained.load("dinov2", path)
 
+or `write_tiny(kind, path)` for any kind.
+
 Each writer takes the directory (created if needed), a seed and config overrides, and
 returns the directory. Key names and shapes are those of the public checkpoints (HF
 Hub names for DINOv2/Qwen3/CLIP, torchvision/lpips/pytorch-fid state dicts converted by
@@ -341,3 +343,17 @@ def write_tiny_inception_fid(path, seed: int = 0, width_divisor: int = 8) -> str
     t[f"{pre}.bn.running_mean"] = _w(r, o)
     t[f"{pre}.bn.running_var"] = (1.0 + np.abs(_w(r, o))).astype(np.float32)
   return _write(path, None, t, inception.FILE)
+
+
+WRITERS = {
+    "dinov2": write_tiny_dinov2,
+    "qwen3": write_tiny_qwen3,
+    "clip": write_tiny_clip,
+    "lpips_vgg16": write_tiny_lpips_vgg16,
+    "inception_fid": write_tiny_inception_fid,
+}
+
+
+def write_tiny(kind: str, path, seed: int = 0, **overrides) -> str:
+  """Writes the tiny random checkpoint of `kind` (see WRITERS) and returns its directory."""
+  return WRITERS[kind](path, seed, **overrides)
