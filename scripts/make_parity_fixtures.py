@@ -10,6 +10,7 @@ real file layout plus `parity.npz` (inputs and reference outputs):
 
 - dinov2: transformers Dinov2Model (save_pretrained), inputs that need position-embedding
   interpolation (non-square) and an input resize.
+- dinov2_swiglu: the same with the SwiGLU FFN of ViT-G (fused `weights_in` on disk).
 - qwen3: transformers Qwen3ForCausalLM saved in shards (index + shards) with a tiny
   WordLevel tokenizer.json; last hidden states with right padding and per-sequence
   without padding.
@@ -123,10 +124,11 @@ def encode(tok, texts, max_length, pad_id):
   )
 
 
-def make_dinov2(out: str) -> None:
+def make_dinov2(out: str, swiglu: bool = False) -> None:
   from transformers import Dinov2Config, Dinov2Model
 
   cfg = Dinov2Config(
+      use_swiglu_ffn=swiglu,
       hidden_size=32,
       num_hidden_layers=2,
       num_attention_heads=4,
@@ -142,7 +144,8 @@ def make_dinov2(out: str) -> None:
   res = {}
   # A: 20x28 is a multiple of the patch: 5x7 grid vs the 3x3 table -> interpolation.
   # B: 21x30 is resized (bicubic, antialias) to 20x32 first -> 5x8 grid.
-  for tag, (h, w), size in (("a", (20, 28), None), ("b", (21, 30), (20, 32))):
+  cases = (("a", (20, 28), None), ("b", (21, 30), (20, 32)))
+  for tag, (h, w), size in cases[:1] if swiglu else cases:
     x = images(10 + len(res), 2, h, w, 3)
     t = nchw(x)
     if size is not None:
@@ -355,6 +358,7 @@ def make_inception(out: str) -> None:
 
 MAKERS = {
     "dinov2": make_dinov2,
+    "dinov2_swiglu": lambda out: make_dinov2(out, swiglu=True),  # the ViT-G FFN
     "qwen3": make_qwen3,
     "clip": make_clip,
     "lpips_vgg16": make_lpips,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from infdiff import pretrained
-from infdiff.pretrained import common, dinov2, testing
+from infdiff.pretrained import clip, common, dinov2, testing
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "pretrained")
 TOL = 1e-4
@@ -29,12 +29,14 @@ def max_diff(a, b):
   return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
-def test_dinov2_parity_non_square_with_pos_interpolation_and_resize():
-  path, ref = fixture("dinov2")
+@pytest.mark.parametrize("kind,tags", [("dinov2", "ab"), ("dinov2_swiglu", "a")])
+def test_dinov2_parity_non_square_with_pos_interpolation_and_resize(kind, tags):
+  path, ref = fixture(kind)
   model, params = pretrained.load("dinov2", path)
   assert model.pretrain_image_size // model.patch_size == 3  # 3x3 table, inputs need 5x7, 5x8
+  assert model.use_swiglu_ffn == (kind == "dinov2_swiglu")
   apply = jax.jit(model.apply)
-  for tag in ("a", "b"):
+  for tag in tags:
     out = apply(params, jnp.asarray(ref[f"images_{tag}"]))
     assert out["patch_tokens"].shape == ref[f"patch_{tag}"].shape
     assert max_diff(out["cls_token"], ref[f"cls_{tag}"]) <= TOL
@@ -70,6 +72,12 @@ def test_clip_parity_image_and_text():
   )
   assert max_diff(out["image_embeds"], ref["image_embeds"]) <= TOL
   assert max_diff(out["text_embeds"], ref["text_embeds"]) <= TOL
+  # Legacy configs (eos_token_id 2) pool at argmax(input_ids); the end-of-text id is the
+  # largest here, so both pooling rules pick the same token.
+  legacy = clip.Clip(**{**model_fields(model), "text": {**model.text, "eos_token_id": 2}})
+  legacy_out = jax.jit(lambda p, i, m: legacy.apply(p, input_ids=i, attention_mask=m))
+  got = legacy_out(params, ref["input_ids"], ref["attention_mask"])["text_embeds"]
+  assert max_diff(got, ref["text_embeds"]) <= TOL
   ids, mask = pretrained.tokenize(path, ["a photo of a cat"], ref["input_ids"].shape[1])
   np.testing.assert_array_equal(ids[0], ref["input_ids"][0])
   text_only = jax.jit(lambda p, i, m: model.apply(p, input_ids=i, attention_mask=m))
