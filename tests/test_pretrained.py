@@ -156,6 +156,39 @@ def test_dinov2_swiglu_bf16_and_config_mismatch(tmp_path):
   assert "\n" not in str(e.value)
 
 
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+  _, p32 = pretrained.load("qwen3", testing.write_tiny_qwen3(tmp_path / "f32", seed=3))
+  model, p16 = pretrained.load(
+      "qwen3", testing.write_tiny_qwen3(tmp_path / "bf16", seed=3, weights_dtype="bfloat16")
+  )
+  for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16)):
+    assert b.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a.astype(jnp.bfloat16), np.float32))
+  ids = jnp.array([[1, 2, 3, 4]], jnp.int32)
+  assert np.isfinite(np.asarray(model.apply(p16, ids))).all()
+
+
+def test_safetensors_reader_matches_reference_library(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  rng = np.random.default_rng(0)
+  tensors = {
+      "a": rng.random((3, 5), np.float32),
+      "b": np.arange(7, dtype=np.int64),
+      "c": np.ones(0, np.float16),
+  }
+  save_file(tensors, str(tmp_path / "ref.safetensors"))
+  mine = common.load_safetensors(str(tmp_path / "ref.safetensors"))
+  assert set(mine) == set(tensors)
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(mine[k], v)
+    assert mine[k].dtype == v.dtype
+  common.save_safetensors(tensors, str(tmp_path / "mine.safetensors"))
+  back = load_file(str(tmp_path / "mine.safetensors"))
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(back[k], v)
+
+
 def model_fields(model):
   return {f: getattr(model, f) for f in model.__dataclass_fields__ if f not in ("parent", "name")}
 

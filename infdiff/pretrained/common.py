@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from safetensors.numpy import load_file
 
 # --------------------------------------------------------------------------- errors
 
@@ -59,14 +60,77 @@ def read_json(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
+# safetensors dtype codes -> numpy. bfloat16 comes from ml_dtypes (a jax dependency):
+# `safetensors.numpy` cannot read BF16, the storage type of most LLM checkpoints.
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_ST_CODES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file into numpy arrays (memory-mapped, BF16 included).
+
+  The format is an 8-byte little-endian header length, a JSON header of
+  {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes.
+  """
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  data = (
+      np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+      if os.path.getsize(path) > 8 + n
+      else b""
+  )
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    start, end = info["data_offsets"]
+    dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+    out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+  return out
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes numpy arrays (BF16 included) as a .safetensors file."""
+  header, offset, blobs = {}, 0, []
+  for name in sorted(tensors):
+    a = np.ascontiguousarray(tensors[name])
+    blob = a.tobytes()
+    header[name] = {
+        "dtype": _ST_CODES[a.dtype],
+        "shape": list(a.shape),
+        "data_offsets": [offset, offset + len(blob)],
+    }
+    offset += len(blob)
+    blobs.append(blob)
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the spec pads the header to 8-byte alignment with spaces
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for blob in blobs:
+      f.write(blob)
+
+
 def read_safetensors(kind: str, path: str, files: Iterable[str]) -> dict[str, np.ndarray]:
-  """Reads and merges safetensors files into one {name: float32 array} dict."""
+  """Reads and merges safetensors files into one {name: array} dict (any stored dtype)."""
   out: dict[str, np.ndarray] = {}
   for name in files:
     full = os.path.join(path, name)
     try:
-      tensors = load_file(full)
-    except Exception as e:  # safetensors raises several types for corrupt files.
+      tensors = load_safetensors(full)
+    except (OSError, ValueError, KeyError, struct.error) as e:
       raise CheckpointFormatError(
           f"{kind} checkpoint file {full} is not readable safetensors: {e}"
       ) from e

@@ -21,8 +21,8 @@ import os
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
+from infdiff.pretrained import common
 from infdiff.pretrained import lpips as lpips_lib
 
 WORDS = (
@@ -43,13 +43,20 @@ def _ln(rng, d) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write(
-    path, config: dict[str, Any] | None, tensors: dict[str, np.ndarray], name="model.safetensors"
+    path,
+    config: dict[str, Any] | None,
+    tensors: dict[str, np.ndarray],
+    name: str = "model.safetensors",
+    weights_dtype: str = "float32",
 ):
+  """Writes config.json and the tensors, stored as `weights_dtype` ('bfloat16' like LLMs)."""
   os.makedirs(path, exist_ok=True)
   if config is not None:
     with open(os.path.join(path, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(path, name))
+  dtype = common.ml_dtypes.bfloat16 if weights_dtype == "bfloat16" else np.dtype(weights_dtype)
+  stored = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+  common.save_safetensors(stored, os.path.join(path, name))
   return os.fspath(path)
 
 
@@ -170,8 +177,11 @@ def tiny_qwen3_config(vocab_size: int, **overrides) -> dict[str, Any]:
   return cfg
 
 
-def write_tiny_qwen3(path, seed: int = 0, **overrides) -> str:
-  """Writes config.json + model.safetensors + tokenizer of a tiny random Qwen3."""
+def write_tiny_qwen3(path, seed: int = 0, weights_dtype: str = "float32", **overrides) -> str:
+  """Writes config.json + model.safetensors + tokenizer of a tiny random Qwen3.
+
+  `weights_dtype='bfloat16'` stores the weights as the Qwen3 Hub checkpoints do.
+  """
   write_word_tokenizer(path, "<|endoftext|>", specials=("<|im_start|>", "<|im_end|>"))
   from tokenizers import Tokenizer
 
@@ -203,7 +213,7 @@ def write_tiny_qwen3(path, seed: int = 0, **overrides) -> str:
     t[f"{pre}.mlp.gate_proj.weight"] = _w(r, ff, d, scale=d**-0.5)
     t[f"{pre}.mlp.up_proj.weight"] = _w(r, ff, d, scale=d**-0.5)
     t[f"{pre}.mlp.down_proj.weight"] = _w(r, d, ff, scale=ff**-0.5)
-  return _write(path, cfg, t)
+  return _write(path, cfg, t, weights_dtype=weights_dtype)
 
 
 def tiny_clip_config(
