@@ -334,7 +334,7 @@ def sample_scene(
   return scene
 
 
-def _category_rng(seed: int, stream: int, i: int) -> np.random.Generator:
+def _item_rng(seed: int, stream: int, i: int) -> np.random.Generator:
   return np.random.default_rng([seed, stream, i])
 
 
@@ -343,6 +343,15 @@ class ShapesSource:
 
   Item i of a split is a deterministic function of (seed, split, i); the 'eval' split
   draws from a different seed stream than 'train', so the two never share scenes.
+  Items are {'image': uint8 [size, size, 3], 'caption': str, 'id': 'shapes/<split>/<i>',
+  'meta': the scene dict as a JSON string}.
+
+  Args:
+    size: output side in pixels.
+    num_scenes: number of items.
+    seed: dataset seed.
+    split: 'train' or 'eval'.
+    rotate: random shape rotations (see `sample_scene`).
   """
 
   def __init__(
@@ -353,8 +362,6 @@ class ShapesSource:
       split: str = "train",
       rotate: bool = False,
   ):
-    """Args: size: output side in pixels; num_scenes: length; seed: dataset seed;
-    split: 'train' or 'eval'; rotate: random shape rotations (see `sample_scene`)."""
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
     self.size = size
@@ -370,7 +377,7 @@ class ShapesSource:
     """The scene dict of item i, to re-render it at any size."""
     if not 0 <= i < self.num_scenes:
       raise IndexError(f"index {i} out of range for {self.num_scenes} scenes")
-    rng = _category_rng(self.seed, SPLITS[self.split], int(i))
+    rng = _item_rng(self.seed, SPLITS[self.split], int(i))
     return sample_scene(rng, None, rotate=self.rotate)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
@@ -395,6 +402,8 @@ def eval_prompts(
     num_per_category: int, seed: int = 0, rotate: bool = False
 ) -> list[tuple[str, str, dict[str, Any]]]:
   """Held-out prompts for ShapesEval, `num_per_category` of each category.
+
+  Drawn from their own seed stream, disjoint from both ShapesSource splits.
 
   Returns:
     A list of (category, caption, metadata); the metadata is the full scene dict, so

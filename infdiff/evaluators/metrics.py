@@ -8,6 +8,7 @@ so they batch and jit.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -32,6 +33,7 @@ def _gaussian_kernel(sigma: float, radius: int) -> np.ndarray:
   return (k / k.sum()).astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("data_range", "sigma", "radius", "k1", "k2"))
 def ssim(
     a,
     b,
@@ -192,10 +194,11 @@ def _normalise(desc: np.ndarray) -> np.ndarray:
 def _swd(a: np.ndarray, b: np.ndarray, rng, repeats: int, dirs: int) -> float:
   results = []
   for _ in range(repeats):
-    d = rng.standard_normal((a.shape[1], dirs)).astype(np.float32)  # [D, dirs]
-    d /= np.linalg.norm(d, axis=0, keepdims=True)
-    pa = np.sort(a @ d, axis=0)
-    pb = np.sort(b @ d, axis=0)
+    d = rng.standard_normal((dirs, a.shape[1])).astype(np.float32)  # [dirs, D]
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    # [dirs, M]: each projection's samples contiguous, so the sorts run along rows.
+    pa = np.sort(d @ a.T, axis=1)
+    pb = np.sort(d @ b.T, axis=1)
     # In one dimension the optimal transport pairs sorted samples.
     results.append(float(np.mean(np.abs(pa - pb))))
   return float(np.mean(results))
