@@ -195,3 +195,14 @@ def test_detector_position_and_counting_rules():
   wrong = json.loads(json.dumps(scene))
   wrong["counts"][0]["count"] += 1
   assert not shapes_detector.score(img, wrong)
+
+
+def test_detector_leaves_non_shapes_unclassified():
+  img = np.full((64, 64, 3), 0.85, np.float32)
+  img[20:26, 10:50] = shapes.PALETTE["red"]  # a bar: no class fits its silhouette
+  img[40:55, 40:55] = shapes.PALETTE["blue"]  # a pixel-aligned square
+  dets = {d["colour"]: d for d in shapes_detector.detect(img)}
+  assert set(dets) == {"red", "blue"}
+  assert dets["red"]["class"] is None and dets["red"]["iou"] < shapes_detector.MIN_IOU
+  assert dets["blue"]["class"] == "square"
+  np.testing.assert_allclose(dets["blue"]["centroid"], [-1 + 95 / 64, -1 + 95 / 64], atol=1e-6)
