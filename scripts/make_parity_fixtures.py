@@ -156,6 +156,16 @@ def make_dinov2(out: str, swiglu: bool = False) -> None:
     res[f"images_{tag}"] = x
     res[f"cls_{tag}"] = hs[:, 0].numpy()
     res[f"patch_{tag}"] = hs[:, 1:].reshape(2, gh, gw, -1).numpy()
+  # The "+0.1 offset" interpolation of the original DINOv2 code / transformers 4.
+  pos = (
+      model.embeddings.position_embeddings.detach()[:, 1:].reshape(1, 3, 3, -1).permute(0, 3, 1, 2)
+  )
+  for gh, gw in ((5, 7), (2, 9)):
+    table = F.interpolate(
+        pos, scale_factor=((gh + 0.1) / 3, (gw + 0.1) / 3), mode="bicubic", align_corners=False
+    )
+    assert table.shape[2:] == (gh, gw)
+    res[f"pos_offset_{gh}x{gw}"] = table.permute(0, 2, 3, 1).reshape(gh * gw, -1).numpy()
   np.savez(os.path.join(out, "parity.npz"), **res)
 
 

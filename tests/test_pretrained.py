@@ -29,6 +29,17 @@ def max_diff(a, b):
   return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
+def test_dinov2_offset_pos_interpolation_matches_torch_scale_factor():
+  path, ref = fixture("dinov2")
+  _, params = pretrained.load("dinov2", path)
+  table = params["params"]["position_embeddings"][1:]
+  for gh, gw in ((5, 7), (2, 9)):
+    got = dinov2.interpolate_pos_embed(table, gh, gw, offset=0.1)
+    assert max_diff(got, ref[f"pos_offset_{gh}x{gw}"]) <= TOL
+  # The size-based rule (transformers 5) samples elsewhere: the two must differ.
+  assert max_diff(dinov2.interpolate_pos_embed(table, 5, 7), ref["pos_offset_5x7"]) > 1e-3
+
+
 @pytest.mark.parametrize("kind,tags", [("dinov2", "ab"), ("dinov2_swiglu", "a")])
 def test_dinov2_parity_non_square_with_pos_interpolation_and_resize(kind, tags):
   path, ref = fixture(kind)

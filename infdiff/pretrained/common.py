@@ -323,7 +323,9 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
   return np.where((x > 1.0) & (x < 2.0), (((x - 5) * x + 8) * x - 4) * a, out)
 
 
-def resize_matrix(n_in: int, n_out: int, method: str, antialias: bool) -> np.ndarray:
+def resize_matrix(
+    n_in: int, n_out: int, method: str, antialias: bool, scale_factor: float | None = None
+) -> np.ndarray:
   """[n_out, n_in] matrix equal to torch `interpolate(size=n_out, align_corners=False)`.
 
   Args:
@@ -333,13 +335,15 @@ def resize_matrix(n_in: int, n_out: int, method: str, antialias: bool) -> np.nda
     antialias: follow torch's `antialias=True` path (PIL-style support scaled with the
       downsampling factor, cubic a = -0.5); otherwise the classic path (cubic a = -0.75,
       taps clamped at the border).
+    scale_factor: as torch `interpolate(scale_factor=...)`: sample positions use
+      1 / scale_factor instead of n_in / n_out (n_out must be floor(n_in * scale_factor)).
 
   Returns:
     float64 weights; rows sum to 1.
   """
   if method not in ("bilinear", "bicubic"):
     raise ValueError(f"unknown resize method {method!r}")
-  scale = n_in / n_out
+  scale = n_in / n_out if scale_factor is None else 1.0 / scale_factor
   m = np.zeros((n_out, n_in), np.float64)
   dst = np.arange(n_out)
   if antialias:
@@ -375,7 +379,13 @@ def resize_matrix(n_in: int, n_out: int, method: str, antialias: bool) -> np.nda
   return m
 
 
-def resize(images: jax.Array, size: tuple[int, int], method: str, antialias: bool) -> jax.Array:
+def resize(
+    images: jax.Array,
+    size: tuple[int, int],
+    method: str,
+    antialias: bool,
+    scale_factor: tuple[float, float] | None = None,
+) -> jax.Array:
   """Resizes [B, H, W, C] to [B, h, w, C] exactly as torch `F.interpolate` would.
 
   Separable matmuls with fixed weights (static shapes), so it jits and differentiates.
@@ -383,10 +393,11 @@ def resize(images: jax.Array, size: tuple[int, int], method: str, antialias: boo
   """
   h_in, w_in = images.shape[1:3]
   h, w = size
-  if (h_in, w_in) == (h, w):
+  if (h_in, w_in) == (h, w) and scale_factor is None:
     return images
-  my = jnp.asarray(resize_matrix(h_in, h, method, antialias), jnp.float32)
-  mx = jnp.asarray(resize_matrix(w_in, w, method, antialias), jnp.float32)
+  sy, sx = scale_factor if scale_factor is not None else (None, None)
+  my = jnp.asarray(resize_matrix(h_in, h, method, antialias, sy), jnp.float32)
+  mx = jnp.asarray(resize_matrix(w_in, w, method, antialias, sx), jnp.float32)
   x = images.astype(jnp.float32)
   x = jnp.einsum("oh,bhwc->bowc", my, x, precision="highest")
   x = jnp.einsum("pw,bowc->bopc", mx, x, precision="highest")

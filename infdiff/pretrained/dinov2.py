@@ -4,8 +4,11 @@ Input policy: images are float32 [B, H, W, 3] in [0, 1]. The port resizes them (
 `interpolate(mode='bicubic', antialias=True)`, close to the PIL bicubic of the HF image
 processor) to `image_size` when that is set, else to the nearest multiple of the patch
 size per side (no resize when H and W already are multiples), then normalises with the
-ImageNet mean/std. Position embeddings are resized to the patch grid as HF does: torch
-bicubic (A = -0.75, align_corners=False, no antialias) to (H / p, W / p), in float32.
+ImageNet mean/std. Position embeddings are resized to the patch grid as transformers 5
+does: torch bicubic (A = -0.75, align_corners=False, no antialias) to size (H / p, W / p),
+in float32. The original DINOv2 code and transformers 4 instead pass
+`scale_factor = (g + 0.1) / n` (the "+0.1 offset"), which samples at slightly different
+positions; set `pos_interp_offset=0.1` for that behaviour.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class Dinov2(nn.Module):
   hidden_act: str = "gelu"  # MLP activation
   image_size: tuple[int, int] | None = None  # resize inputs to (H, W); None: nearest multiple of p
   resize_antialias: bool = True  # antialias the input resize (matters when downsampling)
+  pos_interp_offset: float = 0.0  # 0: transformers 5 (size-based); 0.1: original DINOv2 code
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # parameter dtype
 
@@ -110,7 +114,7 @@ class Dinov2(nn.Module):
     n_pos = (self.pretrain_image_size // p) ** 2
     pos = common.param(self, "position_embeddings", (n_pos + 1, d), (None, "embed"))
     cls = common.param(self, "cls_token", (d,), ("embed",))
-    pos_patch = interpolate_pos_embed(pos[1:], gh, gw)  # [N, D]
+    pos_patch = interpolate_pos_embed(pos[1:], gh, gw, self.pos_interp_offset)  # [N, D]
     x = x + pos_patch.astype(x.dtype)[None]
     c = jnp.broadcast_to((cls + pos[0]).astype(x.dtype), (b, 1, d))
     x = jnp.concatenate([c, x], axis=1)  # [B, 1 + N, D]
@@ -132,17 +136,20 @@ class Dinov2(nn.Module):
     return {"cls_token": x[:, 0], "patch_tokens": x[:, 1:].reshape(b, gh, gw, d)}
 
 
-def interpolate_pos_embed(pos: jax.Array, gh: int, gw: int) -> jax.Array:
+def interpolate_pos_embed(pos: jax.Array, gh: int, gw: int, offset: float = 0.0) -> jax.Array:
   """Resizes a square [n*n, D] position table to [gh*gw, D] like HF Dinov2.
 
   HF returns the table untouched when the grid already matches, else torch bicubic
-  (align_corners=False, A = -0.75, no antialias) in float32.
+  (align_corners=False, A = -0.75, no antialias) in float32: to size (gh, gw) when
+  offset == 0 (transformers 5), else with scale_factor ((gh + offset) / n, (gw + offset) / n)
+  (original DINOv2 code and transformers 4, offset 0.1).
   """
   n = int(round(pos.shape[0] ** 0.5))
   if (gh, gw) == (n, n):
     return pos
   grid = pos.astype(jnp.float32).reshape(1, n, n, -1)
-  out = common.resize(grid, (gh, gw), "bicubic", antialias=False)
+  factor = None if offset == 0 else ((gh + offset) / n, (gw + offset) / n)
+  out = common.resize(grid, (gh, gw), "bicubic", antialias=False, scale_factor=factor)
   return out.reshape(gh * gw, -1).astype(pos.dtype)
 
 
