@@ -53,14 +53,17 @@ class RendererFn:
   module: nn.Module
 
   def __call__(self, variables, latent, coords, cells, valid=None) -> jax.Array:
+    """Applies the renderer; shapes as in infdiff/models/renderers.py."""
     return self.module.apply(variables, latent, coords, cells, valid)
 
   @property
   def halo(self) -> int:
+    """The module's tiling halo in output pixels."""
     return self.module.halo()
 
   @property
   def tile_align(self) -> int:
+    """The module's tile lattice (tile origins, tile and halo are multiples of it)."""
     return self.module.tile_align()
 
 

@@ -95,6 +95,7 @@ def test_shifted_window_mask_matches_brute_force(hp, wp):
   mask = swin.shifted_window_mask(hp, wp, w, s)
   lab = _swin_slice_labels(hp, wp, w, s)
   np.testing.assert_array_equal(mask, lab[:, :, None] == lab[:, None, :])
+  np.testing.assert_array_equal(np.asarray(swin.shifted_window_mask(hp, wp, w, s, jnp)), mask)
   # Independently: a pair may attend iff its unshifted positions share a window of the
   # lattice offset by w/2 (the regions of the shifted partition).
   nwx = wp // w

@@ -78,7 +78,7 @@ def _strip_labels(n: int, w: int, shift: int) -> np.ndarray:
   return (orig + shift) // w
 
 
-def shifted_window_mask(hp: int, wp: int, w: int, shift: int) -> np.ndarray:
+def shifted_window_mask(hp: int, wp: int, w: int, shift: int, xp=np):
   """Which token pairs of each window may attend after a cyclic shift by `shift`.
 
   Args:
@@ -86,17 +86,17 @@ def shifted_window_mask(hp: int, wp: int, w: int, shift: int) -> np.ndarray:
     wp: padded grid width (multiple of w).
     w: window size.
     shift: cyclic shift applied to the grid (0 for regular blocks, w // 2 for shifted).
+    xp: np for a host array (tests), jnp to build it inside a traced function from
+      two 1-D constants instead of embedding an [nW, N, N] constant in the program.
 
   Returns:
     [nW, w*w, w*w] bool, True where query p and key q come from the same region of the
     unshifted grid. All True when shift == 0.
   """
-  if shift == 0:
-    return np.ones(((hp // w) * (wp // w), w * w, w * w), bool)
-  ly = _strip_labels(hp, w, shift)
-  lx = _strip_labels(wp, w, shift)
+  ly = xp.asarray(_strip_labels(hp, w, shift))
+  lx = xp.asarray(_strip_labels(wp, w, shift))
   labels = ly[:, None] * (wp + 1) + lx[None, :]  # [hp, wp] unique per region
-  lab = window_partition(labels[None, :, :, None], w)[0, ..., 0]  # numpy in, numpy out
+  lab = window_partition(labels[None, :, :, None], w)[0, ..., 0]  # [nW, N]
   return lab[:, :, None] == lab[:, None, :]
 
 
@@ -220,9 +220,10 @@ class WindowAttention(nn.Module):
     bias = jnp.asarray(table)[idx].transpose(2, 0, 1)  # [nh, N, N]
     logits = logits + bias.astype(logits.dtype)
 
-    region = jnp.asarray(shifted_window_mask(hp, wp, w, s))[None, :, None]  # [1, nW, 1, N, N]
-    keys = key_padding_mask(valid, w, s)[:, :, None]  # [B, nW, 1, 1, N]
-    weights = masked_attention_weights(logits, region & keys)
+    allowed = key_padding_mask(valid, w, s)[:, :, None]  # [B, nW, 1, 1, N]
+    if s:
+      allowed = allowed & shifted_window_mask(hp, wp, w, s, xp=jnp)[None, :, None]
+    weights = masked_attention_weights(logits, allowed)  # [B, nW, nh, N, N]
     self.sow("intermediates", "attention_weights", weights)
     out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights.astype(self.dtype), v)
     out = nn.DenseGeneral(
