@@ -25,6 +25,7 @@ setup(
         "pillow>=11,<14",
         "scikit-image>=0.25,<0.27",
         "numpy>=2,<3",
+        "scipy>=1.13,<2",
         "absl-py>=2,<3",
     ],
     extras_require={

@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
       ("norm", None),
       ("rel_pos", None),
   )
+  # Persistent XLA compilation cache shared by runs ('' disables): a restarted or resumed
+  # run, and the sample/evaluate CLIs, skip recompiling identical programs.
+  c.compilation_cache_dir = "~/.cache/infdiff/xla"
   c.evals = ml_collections.ConfigDict()  # name -> {metric, every, stage, ...}
   return c
 

@@ -65,6 +65,9 @@ class Generator:
       )
     with open(cfg_path) as f:
       config = ml_collections.ConfigDict(json.load(f))
+    from infdiff import utils
+
+    utils.enable_compilation_cache(config.get("compilation_cache_dir", ""))
     from infdiff.methods.rapd_stage2 import Method
 
     config.rapd_stage2.repa.weight = 0.0  # the teacher is training-only

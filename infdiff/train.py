@@ -90,6 +90,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   """Runs every stage in `config.stages`; each resumes from its own checkpoints."""
   os.makedirs(workdir, exist_ok=True)
   utils.add_log_file(os.path.join(workdir, "train.log"))
+  utils.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   for stage in config.stages:
     train_stage(config, stage, os.path.join(workdir, stage))
 

@@ -38,6 +38,18 @@ def add_log_file(path: str) -> None:
   logging.set_verbosity(logging.INFO)
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Points JAX's persistent compilation cache at `path` ('' leaves it off)."""
+  if not path:
+    return
+  import jax
+
+  path = os.path.expanduser(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 class MetricWriter:
   """TensorBoard event files via tensorboardX (scalars and image grids)."""
 

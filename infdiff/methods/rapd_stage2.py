@@ -227,27 +227,30 @@ class Method(BaseMethod):
     return jax.lax.stop_gradient(tokens.reshape(b, grid * grid, d))
 
   # --- sampling ---------------------------------------------------------------------
-  def summaries(self, params, aux, batch, rng):
+  def generator(self, params, aux):
+    """A sampling.Generator kept across calls, so sampling compiles once per run."""
     from infdiff import sampling
 
-    gen = sampling.Generator.from_method(self, params, aux)
-    prompts = list(self.cfg.sample.prompts)[:4]
-    z = gen.latents(prompts, seed=0)
+    if getattr(self, "_gen", None) is None:
+      self._gen = sampling.Generator.from_method(self, params, aux)
+    self._gen.params, self._gen.aux = params, aux
+    return self._gen
+
+  def summaries(self, params, aux, batch, rng):
+    del batch, rng
+    gen = self.generator(params, aux)
+    z = gen.latents(list(self.cfg.sample.prompts), seed=self.config.seed)
     return {f"samples/{s}x{s}": gen.render(z, s, s) for s in self.cfg.sample.sizes}
 
   def finalize(self, ctx):
+    """Sample grids at the configured sizes into workdir/../samples (the run's root)."""
     from infdiff import sampling
 
-    p = ctx.state.ema or ctx.state.params
-    gen = sampling.Generator.from_method(self, p, ctx.aux)
+    gen = self.generator(ctx.state.ema or ctx.state.params, ctx.aux)
     out = os.path.join(os.path.dirname(os.path.normpath(self.workdir)), "samples")
-    prompts = list(self.cfg.sample.prompts)
-    z = gen.latents(prompts, seed=self.config.seed)
-    step = int(jax.device_get(ctx.state.step))
+    z = gen.latents(list(self.cfg.sample.prompts), seed=self.config.seed)
     for s in self.cfg.sample.sizes:
-      imgs = np.asarray(gen.render(z, s, s))
-      ctx.writer.write_images(step, f"samples/{s}x{s}", imgs)
-      sampling.save_grid(os.path.join(out, f"grid_{s}x{s}.png"), imgs)
+      sampling.save_grid(os.path.join(out, f"grid_{s}x{s}.png"), gen.render(z, s, s))
     logging.info(
         "[%s] sample grids at %s written to %s", self.stage, list(self.cfg.sample.sizes), out
     )
