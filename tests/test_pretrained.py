@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from infdiff import pretrained
-from infdiff.pretrained import clip, common, dinov2, testing
+from infdiff.pretrained import clip, common, dinov2, inception, lpips, qwen3, testing
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "pretrained")
 TOL = 1e-4
@@ -217,3 +217,51 @@ def test_no_torch_imported():
   import sys
 
   assert "torch" not in sys.modules
+
+
+def param_count(model, *args, **kw):
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args, **kw)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def test_real_configs_have_the_published_parameter_counts():
+  """Shapes only (no weights): the ports at full size hold exactly the reference params."""
+  img, ids = jnp.zeros((1, 14, 14, 3)), jnp.zeros((1, 2), jnp.int32)
+  base = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14)
+  # facebook/dinov2-base: 86,580,480 including the unused mask token (768).
+  assert param_count(dinov2.model_from_config({**base, "image_size": 518}), img) == 86_580_480 - 768
+  text = dict(
+      vocab_size=49408,
+      hidden_size=512,
+      intermediate_size=2048,
+      num_hidden_layers=12,
+      num_attention_heads=8,
+  )
+  vision = dict(
+      hidden_size=768,
+      intermediate_size=3072,
+      num_hidden_layers=12,
+      num_attention_heads=12,
+      patch_size=32,
+      image_size=224,
+  )
+  cfg = dict(projection_dim=512, text_config=text, vision_config=vision)
+  # openai/clip-vit-base-patch32: 151,277,313 including logit_scale.
+  assert param_count(clip.model_from_config(cfg), images=img, input_ids=ids) == 151_277_312
+  # Qwen/Qwen3-1.7B model card: 1.7B parameters, 1.4B without the (tied) embedding.
+  qcfg = dict(
+      vocab_size=151936,
+      hidden_size=2048,
+      intermediate_size=6144,
+      num_hidden_layers=28,
+      num_attention_heads=16,
+      num_key_value_heads=8,
+      head_dim=128,
+      rope_theta=1e6,
+  )
+  n = param_count(qwen3.model_from_config(qcfg), ids)
+  assert round(n / 1e9, 1) == 1.7 and round((n - 151936 * 2048) / 1e9, 1) == 1.4
+  # torchvision VGG16 features (14,714,688) + LPIPS heads (64+128+256+512+512).
+  assert param_count(lpips.LpipsVgg16(), img, img) == 14_714_688 + 1472
+  # torchvision Inception3 without aux head (23,834,568) minus its 1000-way fc.
+  assert param_count(inception.InceptionFid(), img) == 23_834_568 - 2_049_000
