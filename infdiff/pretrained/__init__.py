@@ -40,8 +40,13 @@ Checkpoints to provide (download once with any tool, then point `path` at the di
   `apply(params, images)` -> {'pool': [B, 2048]}.
 
 The converter needs torch (the `parity` extra); nothing under infdiff imports torch.
-`infdiff.pretrained.testing` writes tiny random-weight checkpoints in the same layouts
-for tests.
+Safetensors are read by a small torch-free reader that also handles bfloat16 storage
+(Qwen3's Hub weights); every parameter is returned as float32.
+
+For tests, `infdiff.pretrained.testing.write_tiny(kind, path)` writes a tiny random-weight
+checkpoint of any kind in the same file layout (seconds, no torch). Parity with the PyTorch
+references is checked in tests/test_pretrained.py against fixtures made by
+scripts/make_parity_fixtures.py.
 """
 
 from __future__ import annotations
