@@ -26,11 +26,20 @@ setup(
         "scikit-image>=0.25,<0.27",
         "numpy>=2,<3",
         "scipy>=1.13,<2",
+        "ml-dtypes>=0.5",
         "absl-py>=2,<3",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3,<4", "chex>=0.1.90,<0.2", "ruff>=0.8", "pyink>=24"],
         # Only for scripts/make_parity_fixtures.py: the canonical PyTorch references.
-        "parity": ["torch==2.13.0", "lpips>=0.1.4", "pytorch-fid>=0.3"],
+        "parity": [
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "transformers==5.23.0",
+            "tokenizers==0.23.3",
+            "safetensors==0.8.0",
+            "lpips==0.1.4",
+            "pytorch-fid==0.3.0",
+        ],
     },
 )
