@@ -77,7 +77,6 @@ def stage2_config(p) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dtype = "float32" if demo else "bfloat16"  # compute dtype (Table 5: bf16)
   c.batch_size = 16 if demo else 256  # Table 5: 256
-  c.latent_size = 32 if demo else 256  # = stage 1's enc_size: the latent grid side
   c.stage1_workdir = ""  # finished stage-1 run; '' = the sibling workdir/rapd_stage1
   c.dit = ml_collections.ConfigDict(
       dict(

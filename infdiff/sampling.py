@@ -113,7 +113,7 @@ class Generator:
     texts = [p for p in prompts for _ in range(num_per_prompt)]
     ids, mask = self.method.text.tokenize_batch(texts)
     ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
-    r = self.method.cfg.latent_size
+    r = self.method.latent_size
     c = len(self.aux["mean"])
     key = jax.random.PRNGKey(seed)
     noise = np.stack(

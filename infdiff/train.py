@@ -210,6 +210,13 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
     return None
 
   mesh = shard_lib.make_mesh(config.mesh)
+  logging.info(
+      "[%s] mesh %s over %d devices in %d processes",
+      stage,
+      dict(mesh.shape),
+      jax.device_count(),
+      jax.process_count(),
+  )
   rules = shard_lib.rules_from_config(config.logical_axis_rules)
   cfg = config[stage]
   dp = shard_lib.data_parallel_size(mesh)

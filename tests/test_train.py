@@ -18,6 +18,7 @@ from infdiff import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
+  "--config.stages=('rapd_stage1',)",
     "--config.rapd_stage1.enc_size=16",
     "--config.rapd_stage1.target_window=16",
     "--config.rapd_stage1.renderer.dim=16",
@@ -257,3 +258,22 @@ def test_checkpoint_restores_across_device_counts(tmp_path):
   r8, _ = ckpt_lib.restore(m1, 1, ckpt_lib.abstract_with_shardings(abstract, sh8))
   assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(r8))
   chex.assert_trees_all_equal(jax.device_get(r8), jax.device_get(s8))
+
+
+def test_training_on_messy_folder_counts_skipped_files(tmp_path):
+  from data_fixtures import write_messy_folder
+
+  folder = tmp_path / "imgs"
+  expected = write_messy_folder(str(folder))
+  w = tmp_path / "w"
+  run_main(
+    w,
+    f"--config.data.source=folder:{folder}",
+    "--config.data.max_pixels=10000",
+    "--config.data.eval_fraction=0.0",
+    "--config.total_steps=4",
+    "--config.log_every=4",
+  )
+  line = [x for x in (w / "train.log").read_text().splitlines() if "step 4/4" in x][-1]
+  for reason, n in {**expected["scan_skips"], **expected["decode_skips"]}.items():
+    assert f"{reason}={n}" in line, line

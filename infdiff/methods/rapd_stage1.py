@@ -78,8 +78,11 @@ class Method(BaseMethod):
         )
       from infdiff import pretrained
 
-      self.teacher, self._teacher_params = pretrained.load("dinov2", d.teacher_path)
-      self.teacher_dim = int(self.teacher.config.hidden_size)
+      teacher, self._teacher_params = pretrained.load("dinov2", d.teacher_path)
+      # Resize the teacher's input so its patch grid is exactly teacher_grid.
+      gh, gw = (int(x) for x in d.teacher_grid)
+      self.teacher = teacher.clone(image_size=(gh * teacher.patch_size, gw * teacher.patch_size))
+      self.teacher_dim = int(teacher.hidden_size)
     if self.cfg.lpips_weight > 0:
       if not self.cfg.lpips_path:
         raise ValueError(

@@ -133,9 +133,12 @@ class Method(BaseMethod):
       raise FileNotFoundError(f"stage-1 run {self.s1_dir} has no latent_stats.json")
     self._mean = np.asarray(stats["mean"], np.float32)
     self._std = np.asarray(stats["std"], np.float32)
-    if self.s1_cfg.enc_size != c.latent_size:
+    # The latent grid (and so the image size stage 2 trains on) is stage 1's encoder size.
+    self.latent_size = int(self.s1_cfg.enc_size)
+    if self.latent_size % c.dit.patch:
       raise ValueError(
-          f"rapd_stage2.latent_size={c.latent_size} but stage 1 encodes {self.s1_cfg.enc_size}^2"
+        f"stage-1 latent side {self.latent_size} is not a multiple of rapd_stage2.dit.patch="
+        f"{c.dit.patch}"
       )
     self.text = TextSide(c, workdir, lambda: source_captions(config.data, c.text.vocab_captions))
     self.dit = build_dit(c, self.text.encoder.width, len(self._mean))
@@ -145,14 +148,17 @@ class Method(BaseMethod):
         raise ValueError("rapd_stage2.repa.weight > 0 needs rapd_stage2.repa.teacher_path (DINOv2)")
       from infdiff import pretrained
 
-      self.teacher, self._teacher_params = pretrained.load("dinov2", c.repa.teacher_path)
-      self.repa_proj = RepaProjector(c.repa.hidden, int(self.teacher.config.hidden_size))
+      teacher, self._teacher_params = pretrained.load("dinov2", c.repa.teacher_path)
+      # One teacher patch per DiT token: resize the teacher's input to grid * its patch.
+      g = self.latent_size // c.dit.patch
+      self.teacher = teacher.clone(image_size=(g * teacher.patch_size, g * teacher.patch_size))
+      self.repa_proj = RepaProjector(c.repa.hidden, int(teacher.hidden_size))
 
   def data_transform(self, split):
     del split
     return transforms.Compose(
         (
-            transforms.RandomResizedSquare(size=self.cfg.latent_size),
+            transforms.RandomResizedSquare(size=self.latent_size),
             transforms.Tokenize(self.text.tokenize_one),
         )
     )
@@ -173,7 +179,7 @@ class Method(BaseMethod):
     if self.text.encoder.trainable:
       params["text"] = self.text.encoder.init(r_text, ids, mask)["params"]
     hidden = jnp.zeros((*ids.shape, self.text.encoder.width), jnp.float32)
-    b, r = batch["image"].shape[0], self.cfg.latent_size
+    b, r = batch["image"].shape[0], self.latent_size
     x = jnp.zeros((b, r, r, len(self._mean)), jnp.float32)
     params["dit"] = self.dit.init(r_dit, x, jnp.zeros((b,)), hidden, mask)["params"]
     if self.teacher is not None:
@@ -221,10 +227,9 @@ class Method(BaseMethod):
     return loss, metrics
 
   def _teacher_targets(self, aux, image, grid: int):
-    tokens = self.teacher.apply(aux["teacher"], image)["patch_tokens"]  # [B, h, w, D]
+    tokens = self.teacher.apply(aux["teacher"], image)["patch_tokens"]  # [B, g, g, D]
     b, _, _, d = tokens.shape
-    tokens = jax.image.resize(tokens.astype(jnp.float32), (b, grid, grid, d), "linear")
-    return jax.lax.stop_gradient(tokens.reshape(b, grid * grid, d))
+    return jax.lax.stop_gradient(tokens.astype(jnp.float32).reshape(b, grid * grid, d))
 
   # --- sampling ---------------------------------------------------------------------
   def generator(self, params, aux):

@@ -1,0 +1,146 @@
+"""RaPD stage 1: distillation losses, the adaptive weight, LPIPS path, logical names."""
+
+import importlib.util
+import os
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from infdiff import fields
+from infdiff.losses import distill
+from infdiff.methods.rapd_stage1 import Method, _get, _set
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**presets):
+  spec = importlib.util.spec_from_file_location("rapd_cfg", os.path.join(ROOT, "configs/rapd.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  arg = ",".join(["demo"] + [f"{k}={v}" for k, v in presets.items()])
+  c = mod.get_config(arg)
+  s = c.rapd_stage1
+  s.enc_size, s.target_window, s.batch_size = 16, 16, 2
+  s.encoder.n_resblocks = 1
+  if s.renderer.name == "cqar":
+    s.renderer.dim = 16
+  s.distill.teacher_grid = (2, 2)
+  return c
+
+
+def _batch(seed=0, b=2, r=16, p=16):
+  rng = np.random.default_rng(seed)
+  coord = np.broadcast_to(fields.crop_grid(2 * r, 2 * r, 4, 8, p, p), (b, p, p, 2))
+  return {
+    "image": jnp.asarray(rng.random((b, r, r, 3), np.float32)),
+    "target": jnp.asarray(rng.random((b, p, p, 3), np.float32)),
+    "coord": jnp.asarray(coord),
+    "cell": jnp.full((b, 2), 1.0 / r, jnp.float32),
+  }
+
+
+def test_cosine_margin_and_distance_matrix_losses():
+  rng = np.random.default_rng(0)
+  f = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  # Identical features: cosine 1 -> relu(1 - m1 - 1) = 0; identical similarity matrices.
+  assert float(distill.cosine_margin_loss(f, f, 0.5)) == pytest.approx(0.0, abs=1e-6)
+  assert float(distill.distance_matrix_loss(f, f, 0.25)) == pytest.approx(0.0, abs=1e-6)
+  # Opposite features: cosine -1 -> relu(1 - 0.5 + 1) = 1.5.
+  assert float(distill.cosine_margin_loss(-f, f, 0.5)) == pytest.approx(1.5, abs=1e-5)
+  # The margin of the DMS loss: a direct computation.
+  g = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  n = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  ss = np.einsum("bnd,bmd->bnm", n(np.asarray(f)), n(np.asarray(f)))
+  st = np.einsum("bnd,bmd->bnm", n(np.asarray(g)), n(np.asarray(g)))
+  want = np.maximum(np.abs(ss - st) - 0.25, 0).mean()
+  assert float(distill.distance_matrix_loss(f, g, 0.25)) == pytest.approx(want, rel=1e-5)
+
+
+def test_adaptive_weight_equals_ratio_of_gradient_norms(tmp_path):
+  from infdiff.pretrained import testing
+
+  teacher = testing.write_tiny_dinov2(str(tmp_path / "dino"))
+  c = _config(teacher=teacher)
+  assert c.rapd_stage1.distill.weight == pytest.approx(0.1)
+  m = Method(c, "rapd_stage1", str(tmp_path / "w"))
+  batch = _batch()
+  params = {"model": nn.unbox(m.init(jax.random.PRNGKey(0), batch)["model"])}
+  aux = m.prepare(None)
+  loss, metrics = m.loss("model", params, aux, batch, jax.random.PRNGKey(1), 0)
+  assert np.isfinite(float(loss))
+
+  # Independently: full-parameter gradients of each loss, then the last conv's norms.
+  p = params["model"]
+
+  def rec(p):
+    z = m.model.apply({"params": p}, batch["image"], method="encode")
+    rgb = m.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
+    return jnp.mean(jnp.abs(rgb - batch["target"]))
+
+  def dis(p):
+    z = m.model.apply({"params": p}, batch["image"], method="encode")
+    h = m.model.apply({"params": p}, z, 2, 2, method="project")
+    t = aux["teacher"]
+    f = m.teacher.apply(t, batch["image"])["patch_tokens"].reshape(2, 4, -1)
+    return distill.distill_loss(h, f, 0.5, 0.25)[0]
+
+  g_rec = jax.grad(rec)(p)["enc"]["last_conv"]
+  g_dis = jax.grad(dis)(p)["enc"]["last_conv"]
+  want = optax.global_norm(g_rec) / (optax.global_norm(g_dis) + 1e-6)
+  assert float(metrics["w_ada"]) == pytest.approx(float(want), rel=1e-4)
+  assert float(loss) == pytest.approx(
+    float(rec(p) + 0.1 * want * dis(p)), rel=1e-4
+  )
+  # The weight carries no gradient: d loss / d params equals that of rec + const * dis.
+  g_total = jax.grad(lambda p: m.loss("model", {"model": p}, aux, batch, None, 0)[0])(p)
+  g_want = jax.grad(lambda p: rec(p) + 0.1 * float(want) * dis(p))(p)
+  np.testing.assert_allclose(
+    np.asarray(g_total["enc"]["head"]["kernel"]), np.asarray(g_want["enc"]["head"]["kernel"]),
+    rtol=1e-3, atol=1e-6,
+  )
+
+
+def test_set_get_last_layer_roundtrip():
+  tree = {"enc": {"last_conv": {"kernel": 1}, "head": 2}, "dec": 3}
+  new = _set(flax.core.freeze(tree), ("enc", "last_conv"), {"kernel": 5})
+  assert _get(new, ("enc", "last_conv")) == {"kernel": 5}
+  assert new["enc"]["head"] == 2 and tree["enc"]["last_conv"] == {"kernel": 1}
+
+
+def test_lpips_path_runs_with_random_weights(tmp_path):
+  from infdiff.pretrained import testing
+
+  lp = testing.write_tiny_lpips_vgg16(str(tmp_path / "lpips"))
+  c = _config(lpips=lp)
+  assert c.rapd_stage1.lpips_weight == 1.0
+  m = Method(c, "rapd_stage1", str(tmp_path / "w"))
+  batch = _batch()
+  params = {"model": nn.unbox(m.init(jax.random.PRNGKey(0), batch)["model"])}
+  loss, metrics = m.loss("model", params, m.prepare(None), batch, None, 0)
+  assert np.isfinite(float(metrics["lpips"])) and float(metrics["lpips"]) > 0
+  assert float(loss) == pytest.approx(float(metrics["l1"] + metrics["lpips"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("renderer", ["cqar", "liif", "clif"])
+def test_every_parameter_has_logical_names(tmp_path, renderer):
+  c = _config(renderer=renderer)
+  m = Method(c, "rapd_stage1", str(tmp_path))
+  boxed = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), _batch())["model"])
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+
+
+def test_missing_teacher_path_is_one_line_error(tmp_path):
+  c = _config()
+  c.rapd_stage1.distill.weight = 0.1
+  with pytest.raises(ValueError, match="teacher_path"):
+    Method(c, "rapd_stage1", str(tmp_path))
+  c.rapd_stage1.distill.weight = 0.1
+  c.rapd_stage1.distill.teacher_path = str(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    Method(c, "rapd_stage1", str(tmp_path))
