@@ -1,0 +1,145 @@
+"""Evaluation CLI: one metric on a run directory, printed as a table and saved as JSON.
+
+python -m infdiff.evaluate --workdir=W --metric=NAME [--size=WxH ...] [--data=SOURCE] \
+    [--num=N] [--seed=S] [--inception=PATH] [--clip=PATH] [--lpips=PATH]
+
+Metrics (protocols in each module's docstring under infdiff/evaluators/):
+  recon              stage-1 PSNR/SSIM (+ LPIPS with --lpips) at 1x, 2x, 4x vs bicubic
+  scale_consistency  stage-1 render at k x box-filtered vs render at 1x (k = 2, 4)
+  shapes_eval        GenEval-style accuracy of stage-2 samples on held-out shapes prompts
+  swd                multi-scale sliced Wasserstein distance, generated vs held-out
+  fid / pfid         Frechet Inception distance of whole images / P x P crops (--inception)
+  fid_clip           Frechet distance of CLIP image embeddings (--clip)
+--data takes the same strings as config.data.source ('shapes', 'photos', 'folder:/path',
+'captions:/path', 'tfds:name'; default: the run's), and its held-out split is used.
+Writes W/eval/<metric>.json. Misuse exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from absl import app, flags
+
+from infdiff import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory (holds rapd_stage1/ and/or rapd_stage2/).")
+flags.DEFINE_string("metric", None, "Metric to compute; see the module docstring.")
+flags.DEFINE_multi_string("size", [], "Output size WxH; repeat for several (metric default).")
+flags.DEFINE_string("data", None, "Data source string (default: the run's config.data.source).")
+flags.DEFINE_integer("num", None, "Images (shapes_eval: prompts per category); metric default.")
+flags.DEFINE_integer("seed", 0, "Seed of crops, sampling noise and random projections.")
+flags.DEFINE_string("inception", None, "FID Inception checkpoint directory (fid, pfid).")
+flags.DEFINE_string("clip", None, "CLIP checkpoint directory (fid_clip).")
+flags.DEFINE_string("lpips", None, "VGG16-LPIPS checkpoint directory (optional for recon).")
+flags.DEFINE_integer("patch", 64, "pfid: crop side P.")
+flags.DEFINE_integer("crops_per_image", 4, "pfid: random crops per image.")
+flags.DEFINE_integer("tile", 128, "Render tile side (static shape; bounds render memory).")
+flags.mark_flags_as_required(["workdir", "metric"])
+
+# Metric name -> evaluator module under infdiff.evaluators (importlib, no if/elif chain).
+METRICS = {
+    "recon": "recon",
+    "scale_consistency": "scale_consistency",
+    "shapes_eval": "shapes_eval",
+    "swd": "swd",
+    "fid": "fid",
+    "pfid": "fid",
+    "fid_clip": "fid",
+}
+MAX_SIDE = 16384  # largest side accepted by --size
+
+
+def evaluator_module(metric: str):
+  """The evaluator module of a metric name (one-line ValueError for an unknown one)."""
+  if metric not in METRICS:
+    raise ValueError(f"unknown --metric {metric!r}; known: {', '.join(METRICS)}")
+  return importlib.import_module(f"infdiff.evaluators.{METRICS[metric]}")
+
+
+def make_args(
+    workdir: str,
+    metric: str,
+    sizes=(),
+    *,
+    data=None,
+    num=None,
+    seed=0,
+    inception=None,
+    clip=None,
+    lpips=None,
+    patch=64,
+    crops_per_image=4,
+    tile=128,
+):
+  """Validated `EvalArgs` (everything that can be checked before loading a model)."""
+  from infdiff.evaluators import common, fid
+
+  evaluator_module(metric)
+  parsed = [common.parse_size(s, 1, MAX_SIDE) for s in sizes]
+  if num is not None and num <= 0:
+    raise ValueError(f"--num must be positive, got {num}")
+  if patch <= 0 or crops_per_image <= 0 or tile <= 0:
+    raise ValueError("--patch, --crops_per_image and --tile must be positive")
+  args = common.EvalArgs(
+      workdir=workdir,
+      metric=metric,
+      sizes=parsed,
+      data=data,
+      num=num,
+      seed=seed,
+      inception=inception,
+      clip=clip,
+      lpips=lpips,
+      patch=patch,
+      crops_per_image=crops_per_image,
+      tile=tile,
+  )
+  if metric in fid.NETWORKS:
+    fid.require_weights(metric, args)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"no run directory {workdir}")
+  return args
+
+
+def run(args) -> tuple[object, str]:
+  """Library form of the CLI: computes the metric, writes its JSON. Returns (result, path)."""
+  from infdiff.evaluators import common
+
+  result = evaluator_module(args.metric).cli(args)
+  data = args.data or str(common.run_data_config(args.workdir).source)
+  result.meta = {"workdir": os.path.abspath(args.workdir), "data": data, **result.meta}
+  path = common.write_result(common.run_root(args.workdir), result)
+  return result, path
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  with cli.one_line_errors():
+    args = make_args(
+        FLAGS.workdir,
+        FLAGS.metric,
+        FLAGS.size,
+        data=FLAGS.data,
+        num=FLAGS.num,
+        seed=FLAGS.seed,
+        inception=FLAGS.inception,
+        clip=FLAGS.clip,
+        lpips=FLAGS.lpips,
+        patch=FLAGS.patch,
+        crops_per_image=FLAGS.crops_per_image,
+        tile=FLAGS.tile,
+    )
+    result, path = run(args)
+  print(result.table())
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags_one_line)
+  sys.exit(0)
