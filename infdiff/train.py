@@ -209,6 +209,14 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
     logging.info("[%s] already trained to step %d; skipping.", stage, latest)
     return None
 
+  # Data first: a bad source fails here, before anything compiles.
+  cfg = config[stage]
+  transform = method.data_transform("train")
+  data_iter = _make_loader(config, cfg, transform, "train", config.seed)
+  start_data_state = data_iter.get_state()
+  first = next(data_iter)  # only for shapes; the stream is rewound below
+  host_first = {k: v for k, v in first.items() if np.asarray(v).dtype.kind not in "OUS"}
+
   mesh = shard_lib.make_mesh(config.mesh)
   logging.info(
       "[%s] mesh %s over %d devices in %d processes",
@@ -218,17 +226,9 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
       jax.process_count(),
   )
   rules = shard_lib.rules_from_config(config.logical_axis_rules)
-  cfg = config[stage]
   dp = shard_lib.data_parallel_size(mesh)
   if cfg.batch_size % dp:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {dp} data-parallel devices")
-
-  # Data first: a bad source fails here, before anything compiles.
-  transform = method.data_transform("train")
-  data_iter = _make_loader(config, cfg, transform, "train", config.seed)
-  start_data_state = data_iter.get_state()
-  first = next(data_iter)  # only for shapes; the stream is rewound below
-  host_first = {k: v for k, v in first.items() if np.asarray(v).dtype.kind not in "OUS"}
 
   aux = method.prepare(mesh)
   state, shardings, txs = build_state(method, config, mesh, rules, host_first)
