@@ -119,6 +119,9 @@ def run(args) -> tuple[object, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from infdiff import utils
+
+  utils.quiet_library_logs()  # checkpoint restores log ~20 INFO lines each
   with cli.one_line_errors():
     args = make_args(
         FLAGS.workdir,

@@ -91,7 +91,8 @@ class Result:
       return float(v) if v is not None and math.isfinite(v) else None
 
     rows = {r: {c: clean(v) for c, v in cols.items()} for r, cols in self.rows.items()}
-    return {"metric": self.metric, "rows": rows, "columns": self.columns(), **self.meta}
+    out = {"metric": self.metric, "rows": rows, "columns": self.columns(), **self.meta}
+    return {**out, "note": self.note} if self.note else out
 
   def table(self) -> str:
     """The rows as a fixed-width text table."""

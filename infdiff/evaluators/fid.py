@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from absl import logging
 
 from infdiff.evaluators import common, metrics
@@ -169,13 +171,20 @@ def evaluate(
 
     mu_r, sigma_r = reference_stats(cache, key, compute)
     mu_f, sigma_f = image_stats(metric, net, images, **kw)
-    row[f"{w}x{h}"] = metrics.frechet_distance(mu_f, sigma_f, mu_r, sigma_r)
+    with warnings.catch_warnings():
+      # Fewer samples than feature dimensions make the covariances singular; that case
+      # is reported once in the result's note instead of a warning per size.
+      warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+      row[f"{w}x{h}"] = metrics.frechet_distance(mu_f, sigma_f, mu_r, sigma_r)
+    dims = len(mu_f)
   meta = {"num_images": n, "seed": seed, "sizes": [common.size_name(s) for s in sizes]}
   if metric == "pfid":
     meta.update(patch=patch, crops_per_image=crops)
-  return common.Result(
-      metric, {metric: row}, meta=meta, note=f"{n} generated vs {n} held-out images."
-  )
+  count = n * (crops if metric == "pfid" else 1)
+  note = f"{n} generated vs {n} held-out images ({count} feature vectors per set)."
+  if count <= dims:
+    note += f" Fewer vectors than feature dimensions ({dims}): biased, compare like with like."
+  return common.Result(metric, {metric: row}, meta=meta, note=note)
 
 
 def require_weights(metric: str, args: common.EvalArgs) -> str:

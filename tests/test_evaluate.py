@@ -1,0 +1,219 @@
+"""The evaluation CLI and evaluators on one tiny finished RaPD run (trained with config.evals)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_stage2 import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A config file that adds periodic evaluators to the demo preset (the locked config does
+# not accept new keys from the command line).
+EVAL_CONFIG = """
+import importlib.util
+import ml_collections
+
+_spec = importlib.util.spec_from_file_location("rapd_config", {rapd!r})
+_rapd = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_rapd)
+
+
+def get_config(arg=None):
+  c = _rapd.get_config(arg)
+  c.evals = ml_collections.ConfigDict(dict(
+      recon=dict(metric="recon", stage="rapd_stage1", every=2, num=2),
+      shapes=dict(metric="shapes_eval", stage="rapd_stage2", every=4, num=1, sizes=(16, 32)),
+  ))
+  return c
+"""
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device per subprocess: faster start
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  base = tmp_path_factory.mktemp("evalrun")
+  cfg = base / "rapd_evals.py"
+  cfg.write_text(EVAL_CONFIG.format(rapd=os.path.join(ROOT, "configs", "rapd.py")))
+  w = base / "run"
+  cmd = [sys.executable, "-m", "infdiff.main", f"--config={cfg}:demo", f"--workdir={w}"]
+  proc = subprocess.run(cmd + TINY, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return w
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+  from infdiff.pretrained import testing
+
+  return testing.write_tiny("inception_fid", tmp_path_factory.mktemp("inception"))
+
+
+def _evaluate(w, *extra):
+  cmd = [sys.executable, "-m", "infdiff.evaluate", f"--workdir={w}", *extra]
+  return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+
+
+def _run_in_process(w, metric, *sizes, **kw):
+  """The CLI's library path (flag values -> validated args -> metric -> JSON)."""
+  from infdiff import evaluate
+
+  result, path = evaluate.run(evaluate.make_args(str(w), metric, sizes, **kw))
+  with open(path) as f:
+    return result, json.load(f)
+
+
+def test_training_logs_evaluator_scalars(run_dir):
+  log = (run_dir / "train.log").read_text()
+  # recon every 2 of 4 steps in stage 1, ShapesEval at the end of stage 2.
+  assert log.count("[rapd_stage1] eval at step") == 2
+  assert "recon/4x/model_psnr" in log and "recon/2x/bicubic_ssim" in log
+  assert "[rapd_stage2] eval at step 4" in log and "shapes_eval/overall/32x32" in log
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "rapd_stage1"))
+
+
+def test_recon_cli_table_and_json(run_dir):
+  proc = _evaluate(run_dir, "--metric=recon", "--num=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  header = lines[0].split()
+  assert header[:5] == ["recon", "model_psnr", "model_ssim", "bicubic_psnr", "bicubic_ssim"]
+  assert [ln.split()[0] for ln in lines[1:4]] == ["1x", "2x", "4x"]
+  out = json.loads((run_dir / "eval" / "recon.json").read_text())
+  assert out["metric"] == "recon" and out["num_images"] == 2 and out["data"] == "shapes"
+  assert list(out["rows"]) == ["1x", "2x", "4x"]
+  for row in out["rows"].values():
+    assert set(row) == {"model_psnr", "model_ssim", "bicubic_psnr", "bicubic_ssim"}
+    assert 0.0 < row["model_psnr"] < 100.0 and -1.0 <= row["model_ssim"] <= 1.0
+  # At 1x the baseline is the encoder input itself: infinite PSNR is stored as null.
+  assert out["rows"]["1x"]["bicubic_psnr"] is None
+  assert out["rows"]["1x"]["bicubic_ssim"] == pytest.approx(1.0)
+  # Upsampling loses detail, so the baseline gets worse with scale.
+  assert out["rows"]["4x"]["bicubic_psnr"] < out["rows"]["2x"]["bicubic_psnr"]
+
+
+def test_generation_and_consistency_metrics_write_json(run_dir):
+  res, out = _run_in_process(run_dir, "scale_consistency", num=2)
+  assert list(out["rows"]) == ["2x", "4x"] and set(out["rows"]["2x"]) == {"psnr", "min_psnr"}
+  assert out["rows"]["2x"]["min_psnr"] <= out["rows"]["2x"]["psnr"]
+
+  res, out = _run_in_process(run_dir, "shapes_eval", "16x16", "32x24", num=1)
+  assert list(out["rows"]) == [
+      "single_object",
+      "two_object",
+      "counting",
+      "colors",
+      "position",
+      "color_attr",
+      "overall",
+  ]
+  assert out["columns"] == ["16x16", "32x24"] and out["num_images"] == 6
+  for size in out["columns"]:
+    accs = [out["rows"][c][size] for c in out["rows"] if c != "overall"]
+    assert all(a in (0.0, 1.0) for a in accs)  # one image per category
+    assert out["rows"]["overall"][size] == pytest.approx(np.mean(accs))
+
+  res, out = _run_in_process(run_dir, "swd", "32x32", num=3)
+  assert list(out["rows"]) == ["swd_32", "swd_16", "swd_mean"]
+  assert out["rows"]["swd_mean"]["32x32"] > 0
+  assert "swd/swd_mean/32x32" in res.scalars()
+
+
+def test_fid_family_cli_and_cache(run_dir, inception, tmp_path):
+  from infdiff.pretrained import testing
+
+  _, out = _run_in_process(run_dir, "fid", "32x32", num=4, inception=inception)
+  assert out["rows"]["fid"]["32x32"] > 0
+  cache = run_dir / "eval" / "ref_fid_shapes_32x32.npz"
+  assert cache.exists()
+  stamp = cache.stat().st_mtime_ns
+  _run_in_process(run_dir, "fid", "32x32", num=4, inception=inception)
+  assert cache.stat().st_mtime_ns == stamp  # reused
+  _run_in_process(run_dir, "fid", "32x32", num=3, inception=inception)
+  assert cache.stat().st_mtime_ns != stamp  # other num: recomputed
+
+  _, out = _run_in_process(run_dir, "pfid", "32x32", num=2, inception=inception, patch=16)
+  assert out["patch"] == 16 and out["rows"]["pfid"]["32x32"] > 0
+  clip = testing.write_tiny("clip", tmp_path / "clip")
+  _, out = _run_in_process(run_dir, "fid_clip", "32x32", num=3, clip=clip)
+  assert out["rows"]["fid_clip"]["32x32"] > 0
+  assert (run_dir / "eval" / "ref_fid_clip_shapes_32x32.npz").exists()
+
+
+class _RealImages:
+  """A generator stand-in whose 'samples' are the held-out images themselves."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def latents(self, prompts, seed=0):
+    del seed
+    return np.arange(len(prompts))
+
+  def render(self, z, h, w):
+    from infdiff.evaluators import common
+
+    return np.stack([common.full_image(self.source, int(i), h, w) for i in z])
+
+
+@pytest.mark.parametrize("metric", ["fid", "pfid"])
+def test_fid_of_a_set_against_itself_is_zero(run_dir, inception, tmp_path, metric):
+  from infdiff.evaluators import common, fid
+
+  source = common.held_out_source(common.run_data_config(str(run_dir)))
+  net = fid.FeatureNet(metric, inception)
+  kw = dict(num=6, sizes=[(32, 32)], patch=16, crops=2, cache_dir=str(tmp_path))
+  same = fid.evaluate(metric, _RealImages(source), source, net, **kw).rows[metric]["32x32"]
+  gen = common.generator_from_workdir(str(run_dir))
+  other = fid.evaluate(metric, gen, source, net, **kw).rows[metric]["32x32"]
+  assert abs(same) < 1e-4 * other
+  assert other > 0
+
+
+def _one_line_error(proc):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--metric=psnr"], "unknown --metric"),
+        (["--metric=swd", "--size=64"], "size"),
+        (["--metric=fid"], "--inception"),
+        (["--metric=fid_clip", "--size=32x32"], "--clip"),
+    ],
+)
+def test_cli_misuse_exits_2_with_one_line(run_dir, args, needle):
+  assert needle in _one_line_error(_evaluate(run_dir, *args))
+
+
+def test_cli_missing_checkpoint_exits_2(tmp_path):
+  (tmp_path / "empty").mkdir()
+  assert "no " in _one_line_error(_evaluate(tmp_path / "empty", "--metric=recon"))
+  line = _one_line_error(_evaluate(tmp_path / "nothing", "--metric=scale_consistency"))
+  assert "nothing" in line
+
+
+def test_held_out_split_falls_back_to_all_for_tiny_folders():
+  from infdiff.data.pipeline import default_data_config
+  from infdiff.evaluators import common
+
+  # The 9 built-in photos hold none out at the default eval fraction.
+  src = common.held_out_source(common.with_source(default_data_config(), "photos"))
+  assert len(src) == 9
+  with pytest.raises(ValueError, match="divisible"):
+    from infdiff.evaluators import swd
+
+    swd.check_size(66, 66)
