@@ -91,7 +91,7 @@ def test_adaptive_weight_equals_ratio_of_gradient_norms(tmp_path):
 
   g_rec = jax.grad(rec)(p)["enc"]["last_conv"]
   g_dis = jax.grad(dis)(p)["enc"]["last_conv"]
-  want = optax.global_norm(g_rec) / (optax.global_norm(g_dis) + 1e-6)
+  want = optax.tree.norm(g_rec) / (optax.tree.norm(g_dis) + 1e-6)
   assert float(metrics["w_ada"]) == pytest.approx(float(want), rel=1e-4)
   assert float(loss) == pytest.approx(
     float(rec(p) + 0.1 * want * dis(p)), rel=1e-4

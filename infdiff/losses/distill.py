@@ -76,5 +76,5 @@ def adaptive_weight(rec_fn, distill_fn, last_layer, eps: float = 1e-6):
   """
   g_rec = jax.grad(rec_fn)(last_layer)
   g_dis = jax.grad(distill_fn)(last_layer)
-  w = optax.global_norm(g_rec) / (optax.global_norm(g_dis) + eps)
+  w = optax.tree.norm(g_rec) / (optax.tree.norm(g_dis) + eps)
   return jax.lax.stop_gradient(w)
