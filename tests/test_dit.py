@@ -65,15 +65,11 @@ def variables():
 @pytest.fixture(scope="module")
 def trained_like(variables):
   """Params perturbed away from the zero-initialised modulation and output layer."""
-
-  @jax.jit
-  def perturb(params):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, leaves)
-
-  return perturb(nn.meta.unbox(variables))
+  rng = np.random.default_rng(1)  # on the host: no per-leaf compilations
+  return jax.tree.map(
+      lambda p: jnp.asarray(p + 0.2 * rng.standard_normal(p.shape, np.float32)),
+      nn.meta.unbox(variables),
+  )
 
 
 def test_zero_init_output_and_repa_shape(variables):
@@ -181,7 +177,7 @@ def test_sharded_forward_matches_single_device(trained_like, variables, shape):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     got = jax.jit(MODEL.apply)(params, x, t, text, mask)
   assert got.sharding.spec[0] == ("data", "fsdp")
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)  # reduction order differs
 
 
 def test_word_vocab_round_trip(tmp_path):
@@ -206,31 +202,27 @@ def test_word_vocab_round_trip(tmp_path):
   np.testing.assert_array_equal(loaded.encode(caps, 8)[0], vocab.encode(caps, 8)[0])
 
 
-def test_small_text_encoder_feeds_dit():
-  vocab = text_lib.WordVocab.build(["a red cat", "a blue dog"], max_size=16)
+def test_small_text_encoder_feeds_dit(trained_like):
+  caps = ["a red cat", "a blue dog", "", "red", "a cat", "dog", "blue blue cat", "a"]
+  vocab = text_lib.WordVocab.build(caps, max_size=16)
   encoder = text_lib.build_text_encoder(
       "small", vocab_size=len(vocab), width=DT, heads=2, max_length=L
   )
   assert encoder.trainable and encoder.width == DT
-  ids, mask = vocab.encode(["a red cat", "a blue dog", ""], max_length=L)
-  enc_vars = encoder.init(jax.random.key(0), ids, mask)
+  ids, mask = vocab.encode(caps, max_length=L)
+  enc_vars = jax.jit(encoder.init)(jax.random.key(0), ids, mask)
   leaves = jax.tree.leaves(enc_vars, is_leaf=lambda a: isinstance(a, nn.Partitioned))
   assert all(isinstance(p, nn.Partitioned) and len(p.names) == p.value.ndim for p in leaves)
-  feats = encoder.encode(enc_vars, ids, mask)
-  assert feats.hidden.shape == (3, L, DT)
+  encode = jax.jit(encoder.encode)
+  feats = encode(enc_vars, ids, mask)
+  assert feats.hidden.shape == (B, L, DT)
   assert float(jnp.abs(feats.hidden[mask == 0]).max()) == 0.0
   # Padding ids beyond the text do not change the real tokens' features.
-  ids2 = np.where(mask > 0, ids, 5)
-  np.testing.assert_allclose(encoder.encode(enc_vars, ids2, mask).hidden, feats.hidden, atol=1e-6)
-  x = jnp.zeros((3, 4, 4, 4))
-  v = MODEL.apply(
-      MODEL.init(jax.random.key(1), x, jnp.zeros(3), feats.hidden, feats.mask),
-      x,
-      jnp.zeros(3),
-      feats.hidden,
-      feats.mask,
-  )
-  assert v.shape == x.shape
+  ids2 = np.where(mask > 0, ids, len(vocab) - 1)
+  np.testing.assert_allclose(encode(enc_vars, ids2, mask).hidden, feats.hidden, atol=1e-6)
+  x, t, _, _ = _inputs()
+  v = _velocity(trained_like, x, t, feats.hidden, feats.mask)
+  assert v.shape == x.shape and bool(jnp.all(jnp.isfinite(v)))
 
 
 def test_qwen3_adapter_wraps_apply_fn():
