@@ -78,8 +78,15 @@ def make_args(
   """Validated `EvalArgs` (everything that can be checked before loading a model)."""
   from infdiff.evaluators import common, fid
 
-  evaluator_module(metric)
+  module = evaluator_module(metric)
   parsed = [common.parse_size(s, 1, MAX_SIDE) for s in sizes]
+  if parsed and not getattr(module, "USES_SIZES", True):
+    raise ValueError(f"--size does not apply to {metric}: it renders at 1x, 2x, 4x of the latent")
+  if metric == "pfid" and any(patch > min(wh) for wh in parsed):
+    raise ValueError(f"--patch={patch} is larger than a requested --size")
+  if metric == "swd":
+    for w, h in parsed:
+      module.check_size(w, h)
   if num is not None and num <= 0:
     raise ValueError(f"--num must be positive, got {num}")
   if patch <= 0 or crops_per_image <= 0 or tile <= 0:

@@ -24,6 +24,7 @@ from infdiff.evaluators import common, metrics
 from infdiff.fields import area_downsample
 
 SCALES = (1, 2, 4)
+USES_SIZES = False  # output sizes follow from the encoder size; --size is refused
 DEFAULT_NUM = 16
 
 

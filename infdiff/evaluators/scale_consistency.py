@@ -17,6 +17,7 @@ from infdiff.evaluators import common, metrics, recon
 from infdiff.fields import area_downsample
 
 SCALES = (2, 4)
+USES_SIZES = False  # output sizes follow from the encoder size; --size is refused
 DEFAULT_NUM = 16
 GOAL_DB = 35.0
 
