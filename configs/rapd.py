@@ -140,6 +140,8 @@ def get_config(arg=None):
   c.data = default_data_config()
   c.data.source = "shapes" if p.demo else "folder:/path/to/images"  # see README: data sources
   c.rapd_stage1 = stage1_config(p)
+  # Built-in shapes are rendered at s_max * enc_size (follows --config overrides of enc_size).
+  c.data.shapes_size = c.rapd_stage1.get_ref("enc_size") * 4
   c.rapd_stage2 = stage2_config(p)
   c.total_steps = 300_000 if p.stage2 else 10_000  # Table 5: 10K stage 1, 300K stage 2
   c.checkpoint_every = 1000

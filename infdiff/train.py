@@ -162,11 +162,12 @@ def make_train_step(method, txs, config):
       (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[g])
       updates, new_opt = txs[g].update(grads, opt_state[g], params[g])
       new_params = optax.apply_updates(params[g], updates)
-      g_finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+      grad_norm = optax.tree.norm(grads)
+      g_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       finite = finite & g_finite
       params[g], opt_state[g] = new_params, new_opt
       metrics[f"{g}/loss"] = loss
-      metrics[f"{g}/grad_norm"] = optax.tree.norm(grads)
+      metrics[f"{g}/grad_norm"] = grad_norm
       metrics.update({f"{g}/{k}": v for k, v in m.items()})
 
     ema = {

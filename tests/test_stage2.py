@@ -21,7 +21,7 @@ TINY = [
     "--config.rapd_stage1.batch_size=4",
     "--config.rapd_stage1.stats_images=8",
     "--config.rapd_stage1.stats_batch_size=4",
-      "--config.rapd_stage2.batch_size=4",
+    "--config.rapd_stage2.batch_size=4",
     "--config.rapd_stage2.dit.depth=1",
     "--config.rapd_stage2.dit.width=32",
     "--config.rapd_stage2.dit.bottleneck=16",
@@ -123,3 +123,38 @@ def test_denoiser_cost_does_not_depend_on_output_size(run_dir):
     counts.append(gen.denoiser_calls - before)
   assert gen.trace_count == 1
   assert counts[0] == counts[1] == gen.num_steps
+
+
+def test_stage2_with_qwen3_text_and_repa_through_the_ports(run_dir, tmp_path):
+  """The paper path: frozen Qwen3 text encoder and REPA on DINOv2, tiny random weights."""
+  import json
+
+  import flax.linen as nn
+  import jax
+  import ml_collections
+
+  from infdiff.methods.rapd_stage2 import Method
+  from infdiff.pretrained import testing
+
+  qwen = testing.write_tiny_qwen3(str(tmp_path / "qwen3"))
+  dino = testing.write_tiny_dinov2(str(tmp_path / "dino"))
+  c = ml_collections.ConfigDict(json.loads((run_dir / "rapd_stage2" / "config.json").read_text()))
+  s = c.rapd_stage2
+  s.stage1_workdir = str(run_dir)
+  s.text.encoder, s.text.path, s.text.max_length = "qwen3", qwen, 8
+  s.repa.weight, s.repa.teacher_path, s.repa.hidden = 0.5, dino, 16
+  m = Method(c, "rapd_stage2", str(tmp_path / "s2"))
+  assert not m.text.encoder.trainable
+  ids, mask = m.text.tokenize_batch(["a red circle", "a blue square and a green triangle"])
+  assert ids.shape == (2, 8) and mask.sum(1).min() > 0
+  r = m.latent_size
+  batch = {
+      "image": np.random.default_rng(0).random((2, r, r, 3), np.float32),
+      "text_ids": ids,
+      "text_mask": mask,
+  }
+  params = {"model": nn.unbox(m.init(jax.random.PRNGKey(0), batch)["model"])}
+  assert "text" not in params["model"] and "repa" in params["model"]
+  loss, metrics = m.loss("model", params, m.prepare(None), batch, jax.random.PRNGKey(1), 0)
+  assert np.isfinite(float(loss)) and -1.0 <= float(metrics["repa"]) <= 1.0
+  assert float(loss) == pytest.approx(float(metrics["flow"] + 0.5 * metrics["repa"]), rel=1e-5)

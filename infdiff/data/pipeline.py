@@ -79,6 +79,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Extra source options: 'shapes' size/num_scenes/seed, 'photos' include_gray,
   # 'tfds:' image_feature/caption_feature.
   c.source_kwargs = ml_collections.ConfigDict()
+  # Side of the built-in 'shapes' images. They are rendered analytically, so make it at
+  # least s_max * enc_size: multi-resolution crops then see real detail, not upsampling.
+  c.shapes_size = 64
   return c
 
 
@@ -103,6 +106,8 @@ def _transform_kwargs(data_cfg, name: str) -> dict[str, Any]:
 def source_from_config(data_cfg, *, split: str | None = None) -> Any:
   """`sources.make_source` with the fields of a data config."""
   kw = dict(_get(data_cfg, "source_kwargs") or {})
+  if _get(data_cfg, "source") == "shapes":
+    kw.setdefault("size", _get(data_cfg, "shapes_size"))
   return sources_lib.make_source(
       _get(data_cfg, "source"),
       split=split or _get(data_cfg, "split"),

@@ -273,7 +273,9 @@ class Qwen3Adapter:
 
   def encode(self, params, ids, mask) -> TextFeatures:
     """ids [B, L], mask [B, L] -> TextFeatures(hidden [B, L, width], mask)."""
-    hidden = self.apply_fn(params, ids, mask)["hidden_states"]
+    hidden = self.apply_fn(params, ids, mask)
+    if isinstance(hidden, dict):
+      hidden = hidden["hidden_states"]
     if isinstance(hidden, (list, tuple)):
       hidden = hidden[self.layer]
     hidden = jax.lax.stop_gradient(hidden) * mask[..., None].astype(hidden.dtype)
@@ -288,7 +290,7 @@ def _build_qwen3(path: str, layer: int = -1) -> Qwen3Adapter:
   # Imported here so the demo path never needs the port (or its weights).
   pretrained = importlib.import_module("infdiff.pretrained")
   model, params = pretrained.load("qwen3", path)
-  width = getattr(getattr(model, "config", None), "hidden_size", 2048)
+  width = int(model.hidden_size)
   return Qwen3Adapter(model.apply, params, width=width, layer=layer)
 
 
