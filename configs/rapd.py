@@ -22,6 +22,7 @@ PRESETS = dict(
     teacher="",  # DINOv2 checkpoint directory (HF facebook/dinov2-base layout)
     lpips="",  # VGG16-LPIPS checkpoint directory (see infdiff.pretrained)
     text_encoder="",  # Qwen3 checkpoint directory (HF Qwen/Qwen3-1.7B layout)
+    evals=False,  # periodic recon (stage 1) and ShapesEval (stage 2) during training
 )
 
 
@@ -147,6 +148,13 @@ def get_config(arg=None):
   c.checkpoint_every = 1000
   c.log_every = 50
   c.ema_decay = 0.9999  # Table 5
+  if p.evals:
+    c.evals.recon = ml_collections.ConfigDict(
+        dict(metric="recon", stage="rapd_stage1", every=c.get_ref("checkpoint_every"), num=8)
+    )
+    c.evals.shapes_eval = ml_collections.ConfigDict(
+        dict(metric="shapes_eval", stage="rapd_stage2", every=c.get_ref("checkpoint_every"), num=4)
+    )
   if p.demo:
     c.stages = ("rapd_stage1", "rapd_stage2")  # one command: stage 1, statistics, stage 2
     c.total_steps = 600

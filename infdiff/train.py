@@ -320,6 +320,7 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
       if sig.signum is not None:
         ckpt_lib.save(mngr, step, state, _iter_state(data_iter), force=True)
         mngr.wait_until_finished()
+        mngr.close()
         writer.flush()
         logging.info(
             "[%s] signal %d: checkpoint at step %d written; exiting", stage, sig.signum, step
@@ -327,6 +328,7 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
         raise Preempted(f"stopped by signal {sig.signum} at step {step}")
 
   mngr.wait_until_finished()
+  mngr.close()
   ctx.state = state
   method.finalize(ctx)
   writer.flush()

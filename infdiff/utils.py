@@ -143,6 +143,12 @@ def make_evaluators(config, stage: str) -> list:
   for name, ecfg in evals.items():
     if ecfg.get("stage", stage) != stage or not ecfg.get("every"):
       continue
-    module = importlib.import_module(f"infdiff.evaluators.{ecfg.get('metric', name)}")
+    metric = ecfg.get("metric", name)
+    # pfid and fid_clip live in the fid module, which reads the variant from `metric`.
+    module_name = {"pfid": "fid", "fid_clip": "fid"}.get(metric, metric)
+    try:
+      module = importlib.import_module(f"infdiff.evaluators.{module_name}")
+    except ModuleNotFoundError:
+      raise ValueError(f"evals.{name}: unknown metric {metric!r}") from None
     out.append(module.Evaluator(ecfg))
   return out
