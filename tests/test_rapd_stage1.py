@@ -37,10 +37,10 @@ def _batch(seed=0, b=2, r=16, p=16):
   rng = np.random.default_rng(seed)
   coord = np.broadcast_to(fields.crop_grid(2 * r, 2 * r, 4, 8, p, p), (b, p, p, 2))
   return {
-    "image": jnp.asarray(rng.random((b, r, r, 3), np.float32)),
-    "target": jnp.asarray(rng.random((b, p, p, 3), np.float32)),
-    "coord": jnp.asarray(coord),
-    "cell": jnp.full((b, 2), 1.0 / r, jnp.float32),
+      "image": jnp.asarray(rng.random((b, r, r, 3), np.float32)),
+      "target": jnp.asarray(rng.random((b, p, p, 3), np.float32)),
+      "coord": jnp.asarray(coord),
+      "cell": jnp.full((b, 2), 1.0 / r, jnp.float32),
   }
 
 
@@ -93,15 +93,15 @@ def test_adaptive_weight_equals_ratio_of_gradient_norms(tmp_path):
   g_dis = jax.grad(dis)(p)["enc"]["last_conv"]
   want = optax.tree.norm(g_rec) / (optax.tree.norm(g_dis) + 1e-6)
   assert float(metrics["w_ada"]) == pytest.approx(float(want), rel=1e-4)
-  assert float(loss) == pytest.approx(
-    float(rec(p) + 0.1 * want * dis(p)), rel=1e-4
-  )
+  assert float(loss) == pytest.approx(float(rec(p) + 0.1 * want * dis(p)), rel=1e-4)
   # The weight carries no gradient: d loss / d params equals that of rec + const * dis.
   g_total = jax.grad(lambda p: m.loss("model", {"model": p}, aux, batch, None, 0)[0])(p)
   g_want = jax.grad(lambda p: rec(p) + 0.1 * float(want) * dis(p))(p)
   np.testing.assert_allclose(
-    np.asarray(g_total["enc"]["head"]["kernel"]), np.asarray(g_want["enc"]["head"]["kernel"]),
-    rtol=1e-3, atol=1e-6,
+      np.asarray(g_total["enc"]["head"]["kernel"]),
+      np.asarray(g_want["enc"]["head"]["kernel"]),
+      rtol=1e-3,
+      atol=1e-6,
   )
 
 

@@ -137,8 +137,8 @@ class Method(BaseMethod):
     self.latent_size = int(self.s1_cfg.enc_size)
     if self.latent_size % c.dit.patch:
       raise ValueError(
-        f"stage-1 latent side {self.latent_size} is not a multiple of rapd_stage2.dit.patch="
-        f"{c.dit.patch}"
+          f"stage-1 latent side {self.latent_size} is not a multiple of rapd_stage2.dit.patch="
+          f"{c.dit.patch}"
       )
     self.text = TextSide(c, workdir, lambda: source_captions(config.data, c.text.vocab_captions))
     self.dit = build_dit(c, self.text.encoder.width, len(self._mean))
