@@ -4,7 +4,8 @@ Renderers hold per-query activations (CQAR: D = 256 values per output pixel per 
 so a 4K render does not fit at once. `render_image` splits the output into tiles of
 one static shape, renders each tile with a halo of context, keeps the centre and
 stitches. Because the shape is static, the renderer is compiled once per
-(tile, halo, tiles_per_call, batch, latent shape), whatever the output size.
+(tile, halo, tiles_per_call, batch, latent shape), whatever the output size
+(outputs smaller than one tile render with a tile shrunk to their size).
 
 Exactness contract: the stitched result equals the untiled render
 `renderer(latent, coord_grid(H, W), cell_size(H, W))` (up to float round-off) when
@@ -28,6 +29,7 @@ same (hashable) object across calls to avoid recompiles.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -166,13 +168,21 @@ def render_image(
     crop: tuple[int, int, int, int] | None = None,
     align: int | None = None,
     tiles_per_call: int = 1,
+    out: np.ndarray | None = None,
+    max_in_flight: int = 4,
 ) -> np.ndarray:
   """Renders a latent at out_h x out_w (or a crop of it) in static-shape tiles.
 
   Tile origins are multiples of `tile` in the full render's pixel grid; each tile is
   computed as a (tile + 2 * halo)^2 window starting halo pixels before its origin, and
   only its central tile x tile part is kept. Edge tiles are full static-shape tiles,
-  cropped when stitched.
+  cropped when stitched. When the requested window is smaller than one tile, the tile
+  shrinks to the window (rounded up to `align`) instead of rendering mostly discarded
+  pixels; outputs at least one tile wide all share one compiled tile shape.
+
+  Memory stays bounded by a few tiles plus the output: at most `max_in_flight` calls are
+  dispatched ahead of the stitching, and tiles are written straight into the output
+  array (which may be preallocated by the caller, e.g. uint8 or a np.memmap).
 
   Args:
     apply_fn: `(params, latent, coords, cells, valid) -> rgb`, e.g. `RendererFn(module)`.
@@ -188,17 +198,27 @@ def render_image(
     tiles_per_call: tiles rendered per compiled call (static; the last call is padded by
       repeating a tile). One 256-pixel CQAR tile already holds ~80k tokens, and on CPU
       batching measured slower, hence 1; raise it for small tiles on accelerators.
+    out: optional preallocated [B, height, width, 3] array to write into. A uint8 array
+      receives `round(clip(rgb, 0, 1) * 255)`; float arrays receive rgb unclipped.
+    max_in_flight: compiled calls dispatched before the oldest is stitched (overlaps
+      device work with the host copy while bounding the memory held by pending tiles).
 
   Returns:
-    [B, out_h, out_w, 3] (or [B, height, width, 3] for a crop) float32 numpy array.
+    `out`, or a new [B, out_h, out_w, 3] (or [B, height, width, 3] for a crop) float32
+    numpy array.
   """
   align = getattr(apply_fn, "tile_align", 1) if align is None else align
   halo = getattr(apply_fn, "halo", 0) if halo is None else halo
-  tile = _round_up(tile, align)
-  halo = _round_up(halo, align)
   top, left, h, w = crop if crop is not None else (0, 0, out_h, out_w)
   if top < 0 or left < 0 or h <= 0 or w <= 0 or top + h > out_h or left + w > out_w:
     raise ValueError(f"crop {(top, left, h, w)} is not inside the {out_h}x{out_w} render")
+  tile = _round_up(min(tile, max(h, w)), align)
+  halo = _round_up(halo, align)
+  b = latent.shape[0]
+  if out is None:
+    out = np.empty((b, h, w, 3), np.float32)  # [B, h, w, 3]; every pixel is written below
+  elif out.shape != (b, h, w, 3):
+    raise ValueError(f"out has shape {out.shape}, expected {(b, h, w, 3)}")
 
   # Tile origins on the global lattice (multiples of tile) covering the requested window.
   ys = range(top // tile * tile, top + h, tile)
@@ -207,22 +227,27 @@ def render_image(
   ext = tile + 2 * halo
   cells = _cells(latent, out_h, out_w)
 
-  pending = []
+  def stitch(group, rendered):
+    rendered = np.asarray(rendered)  # [n, B, ext, ext, 3]
+    for k, (oy, ox) in enumerate(group):
+      y0, y1 = max(oy, top), min(oy + tile, top + h)
+      x0, x1 = max(ox, left), min(ox + tile, left + w)
+      src = rendered[k, :, y0 - oy + halo : y1 - oy + halo, x0 - ox + halo : x1 - ox + halo]
+      if out.dtype == np.uint8:
+        src = np.clip(src, 0.0, 1.0) * 255.0 + 0.5
+      out[:, y0 - top : y1 - top, x0 - left : x1 - left] = src
+
+  pending = collections.deque()
   for start in range(0, len(origins), tiles_per_call):
     group = origins[start : start + tiles_per_call]
     padded = group + [group[-1]] * (tiles_per_call - len(group))
     inputs = [tile_inputs(out_h, out_w, oy - halo, ox - halo, ext, ext) for oy, ox in padded]
     coords = np.stack([c for c, _ in inputs])  # [n, ext, ext, 2]
     valid = np.stack([v for _, v in inputs])  # [n, ext, ext]
-    # Dispatch every call before reading any back so device work overlaps the stitching.
+    # Dispatch ahead of the stitching so device work overlaps the host copies.
     pending.append((group, _render_tiles(apply_fn, params, latent, coords, cells, valid)))
-
-  out = np.zeros((latent.shape[0], h, w, 3), np.float32)  # [B, h, w, 3]
-  for group, rendered in pending:
-    rendered = np.asarray(rendered)  # [n, B, ext, ext, 3]
-    for k, (oy, ox) in enumerate(group):
-      y0, y1 = max(oy, top), min(oy + tile, top + h)
-      x0, x1 = max(ox, left), min(ox + tile, left + w)
-      src = rendered[k, :, y0 - oy + halo : y1 - oy + halo, x0 - ox + halo : x1 - ox + halo]
-      out[:, y0 - top : y1 - top, x0 - left : x1 - left] = src
+    if len(pending) > max(max_in_flight, 1):
+      stitch(*pending.popleft())
+  while pending:
+    stitch(*pending.popleft())
   return out

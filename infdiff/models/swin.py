@@ -163,8 +163,47 @@ def layer_norm(dtype, param_dtype, name):
   )
 
 
+class _Weights(nn.Module):
+  """Holds one projection's kernel and bias (the layout nn.DenseGeneral would create) and
+  returns them, so that the parent can fuse several projections into one matmul."""
+
+  kernel_shape: tuple[int, ...]  # kernel shape
+  kernel_axes: tuple[str, ...]  # logical names of the kernel axes
+  bias_axes: tuple[str, ...]  # logical names of the bias axes (the kernel's output axes)
+  in_axes: int = 1  # number of leading (input) kernel axes, for the fan-in of the init
+  param_dtype: jnp.dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self):
+    n = len(self.kernel_shape)
+    init = nn.initializers.xavier_uniform(
+        in_axis=tuple(range(self.in_axes)), out_axis=tuple(range(self.in_axes, n))
+    )
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(init, self.kernel_axes),
+        self.kernel_shape,
+        self.param_dtype,
+    )
+    bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
+        self.kernel_shape[self.in_axes :],
+        self.param_dtype,
+    )
+    return kernel, bias
+
+
 class WindowAttention(nn.Module):
-  """(Shifted-)window multi-head self-attention with a learned relative position bias."""
+  """(Shifted-)window multi-head self-attention with a learned relative position bias.
+
+  Parameters are laid out as nn.DenseGeneral would ('query', 'key', 'value': kernel
+  [D, heads, head_dim]; 'out': kernel [heads, head_dim, D]), but the three input
+  projections run as one fused matmul straight into the head-major layout
+  [B, nW, heads, N, head_dim] that the batched attention matmuls want: on CPU the
+  narrow per-projection matmuls and the transposes around token-major einsums cost
+  more than the attention itself.
+  """
 
   dim: int = 256  # model width D
   num_heads: int = 4  # attention heads; head dim = dim // num_heads
@@ -193,22 +232,17 @@ class WindowAttention(nn.Module):
       x = jnp.roll(x, (-s, -s), axis=(1, 2))
     xw = window_partition(x, w)  # [B, nW, N, D]
 
-    def proj(name):
-      return nn.DenseGeneral(
-          (nh, hd),
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.xavier_uniform(), ("embed", "heads", "kv")
-          ),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
-          name=name,
-      )
-
-    q = proj("query")(xw) * (hd**-0.5)  # [B, nW, N, nh, hd]
-    k = proj("key")(xw)
-    v = proj("value")(xw)
-    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k)  # [B, nW, nh, N, N]
+    in_proj = lambda name: _Weights(
+        (d, nh, hd), ("embed", "heads", "kv"), ("heads", "kv"), 1, self.param_dtype, name=name
+    )()
+    (kq, bq), (kk, bk), (kv, bv) = in_proj("query"), in_proj("key"), in_proj("value")
+    scale = hd**-0.5  # folded into the query weights: one pass less over the queries
+    kernel = jnp.stack([kq * scale, kk, kv], axis=1)  # [D, 3, nh, hd]
+    bias = jnp.stack([bq * scale, bk, bv], axis=0)  # [3, nh, hd]
+    xw, kernel, bias = nn.dtypes.promote_dtype(xw, kernel, bias, dtype=self.dtype)
+    qkv = jnp.einsum("bwnd,dthe->tbwhne", xw, kernel) + bias[:, None, None, :, None, :]
+    q, k, v = qkv[0], qkv[1], qkv[2]  # [B, nW, nh, N, hd]
+    logits = jnp.einsum("bwhqe,bwhke->bwhqk", q, k)  # [B, nW, nh, N, N]
 
     table = self.param(
         "rel_pos_bias",
@@ -217,28 +251,21 @@ class WindowAttention(nn.Module):
         self.param_dtype,
     )
     idx = relative_position_index(w)
-    bias = jnp.asarray(table)[idx].transpose(2, 0, 1)  # [nh, N, N]
-    logits = logits + bias.astype(logits.dtype)
+    rel = jnp.asarray(table)[idx].transpose(2, 0, 1)  # [nh, N, N]
+    logits = logits + rel.astype(logits.dtype)
 
     allowed = key_padding_mask(valid, w, s)[:, :, None]  # [B, nW, 1, 1, N]
     if s:
       allowed = allowed & shifted_window_mask(hp, wp, w, s, xp=jnp)[None, :, None]
     weights = masked_attention_weights(logits, allowed)  # [B, nW, nh, N, N]
     self.sow("intermediates", "attention_weights", weights)
-    out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights.astype(self.dtype), v)
-    out = nn.DenseGeneral(
-        d,
-        axis=(-2, -1),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.xavier_uniform(), ("heads", "kv", "embed")
-        ),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name="out",
-    )(
-        out
-    )  # [B, nW, N, D]
+    out = jnp.einsum("bwhqk,bwhke->bwhqe", weights.astype(self.dtype), v)  # [B, nW, nh, N, hd]
+
+    ko, bo = _Weights(
+        (nh, hd, d), ("heads", "kv", "embed"), ("embed",), 2, self.param_dtype, name="out"
+    )()
+    out, ko, bo = nn.dtypes.promote_dtype(out, ko, bo, dtype=self.dtype)
+    out = jnp.einsum("bwhqe,hef->bwqf", out, ko) + bo  # [B, nW, N, D]
     out = window_reverse(out, w, hp, wp)
     if s:
       out = jnp.roll(out, (s, s), axis=(1, 2))

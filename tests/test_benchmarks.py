@@ -1,0 +1,50 @@
+"""Smoke tests: each benchmark script's main runs end to end at tiny sizes."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import common, render_memory, resolution_scaling, step_efficiency  # noqa: E402
+
+
+def _tiny_config():
+  c = common.load_config("demo")
+  s1, s2 = c.rapd_stage1, c.rapd_stage2
+  s1.enc_size = s1.target_window = 16
+  s1.batch_size = 2
+  s1.renderer.dim = 8
+  s1.encoder.n_resblocks = 1
+  s2.batch_size = 2
+  s2.dit.update(depth=1, width=16, bottleneck=8, heads=2, repa_block=1)
+  s2.text.update(depth=1, width=8, vocab_captions=50)
+  s2.sample.num_steps = 2
+  s2.sample.tile = 16
+  return c
+
+
+def test_step_efficiency_prints_finite_ratios(capsys):
+  # Stage 1 only: the stage-2 step's compile alone would double the test's time.
+  out = step_efficiency.main(["--quick", "--stages", "stage1"], config=_tiny_config())
+  assert set(out) == {"stage1", "reference"}
+  assert all(np.isfinite(v) and v > 0 for v in out.values())
+  assert "matmul 1024^3" in capsys.readouterr().out
+
+
+def test_resolution_scaling_reports_the_three_ratios():
+  out = resolution_scaling.main(
+      ["--quick", "--factors", "1,2", "--full_baseline_upto", "1", "--reduced_steps", "1"],
+      config=_tiny_config(),
+  )
+  assert set(out) == {"denoise", "render_px", "speedup"}
+  assert all(np.isfinite(v) and v > 0 for v in out.values())
+
+
+@pytest.mark.parametrize("size", [64])
+def test_render_memory_child_reports_peak_rss(size):
+  out = render_memory.main(["--sizes", str(size), "--paper", "0"])
+  assert out[f"demo {size}^2"] > 0
