@@ -237,4 +237,7 @@ def make_renderer(name: str, **kwargs) -> nn.Module:
   """
   if name not in RENDERERS:
     raise ValueError(f"unknown renderer {name!r}; known: {sorted(RENDERERS)}")
+  # Lists (e.g. LIIF's hidden widths read back from a JSON config) become tuples: modules
+  # must hash, since a renderer is a static argument of the jitted tile renderer.
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   return RENDERERS[name](**kwargs)
