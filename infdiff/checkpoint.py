@@ -87,21 +87,37 @@ def restore_params_only(directory: str, abstract_state=None, step: int | None = 
   """
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoint directory at {directory}")
-  mngr = ocp.CheckpointManager(os.path.abspath(directory))
+  mngr = ocp.CheckpointManager(
+      os.path.abspath(directory),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+  )
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no finished checkpoint in {directory}")
   try:
     if abstract_state is None:
-      out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    else:
-      out = mngr.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-      )
+      abstract_state = _single_device_target(mngr, step)
+    out = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
   except Exception as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise CheckpointError(f"cannot read checkpoint step {step} in {directory}: {msg}") from e
   return out["state"], step
+
+
+def _single_device_target(mngr: ocp.CheckpointManager, step: int):
+  """Restore target with the saved shapes/dtypes on this process's first device.
+
+  The saved shardings may name devices of another topology (a pod, or several
+  processes) that do not exist here; inference reads everything onto one device.
+  """
+  meta = mngr.item_metadata(step)["state"]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta, is_leaf=is_leaf
+  )
 
 
 def write_json(path: str, obj) -> None:
