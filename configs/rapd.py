@@ -36,6 +36,7 @@ def renderer_config(name: str, demo: bool) -> ml_collections.ConfigDict:
     r.num_heads = 4
     r.window = 8  # window side w
     r.expansion = 4  # gated-FFN expansion (choice)
+    r.rpb_init_slope = 0.0  # locality prior of the relative bias at init (0 = Swin init)
   elif name == "liif":
     r.hidden = (64, 64) if demo else (256, 256, 256, 256)  # MLP widths (LIIF: 4 x 256)
   elif name == "clif":
@@ -134,7 +135,9 @@ def stage2_config(p) -> ml_collections.ConfigDict:
   c.sample.num_steps = 25  # Euler steps (Sec. 3.4.2)
   c.sample.cfg_scale = 4.0  # guidance g (choice)
   c.sample.batch_size = 8  # latents denoised per compiled call
-  c.sample.tile = 128 if demo else 512  # render tile side (static shape)
+  # Render tile side (static shape). A 512 tile of the paper-size CQAR peaks at ~12.6 GiB
+  # on CPU (benchmarks/render_memory.py); 256 keeps a quarter of that.
+  c.sample.tile = 128 if demo else 256
   c.sample.max_size = 8192  # largest side the sample CLI accepts
   c.sample.sizes = (32, 64, 128) if demo else (512, 1024, 2048)  # summary/final grids
   c.sample.prompts = (

@@ -140,7 +140,7 @@ class Generator:
     img = render_lib.render_image(
         self.renderer, variables, jnp.asarray(latents), height, width, tile=self.tile
     )
-    return np.clip(img, 0.0, 1.0)
+    return np.clip(img, 0.0, 1.0, out=img)  # in place: no second full-size copy
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

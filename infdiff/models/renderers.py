@@ -71,6 +71,7 @@ class CQAR(nn.Module):
   num_heads: int = 4  # attention heads (Table 5: 4)
   window: int = 8  # window size w, even (Table 5: 8)
   expansion: int = 4  # gated FFN expansion factor (choice)
+  rpb_init_slope: float = 0.0  # locality prior of the relative bias at init (choice; 0 = Swin)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
 
@@ -113,6 +114,7 @@ class CQAR(nn.Module):
           self.window,
           shift=(self.window // 2) if i % 2 else 0,
           expansion=self.expansion,
+          rpb_init_slope=self.rpb_init_slope,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name=f"block{i}",

@@ -194,6 +194,24 @@ class _Weights(nn.Module):
     return kernel, bias
 
 
+def relative_bias_init(w: int, num_heads: int, slope: float):
+  """Initialiser of the [(2w-1)^2, heads] bias table, indexed (dy+w-1)*(2w-1)+(dx+w-1).
+
+  trunc-normal(0.02) (Swin) minus `slope * 2^-h * |(dy, dx)|` for head h. With slope > 0
+  attention starts local instead of uniform over the window, which a short run needs:
+  uniform attention blurs every token with its whole window.
+  """
+  d = np.arange(-(w - 1), w, dtype=np.float32)
+  dist = np.sqrt(d[:, None] ** 2 + d[None, :] ** 2).reshape(-1)  # [(2w-1)^2]
+  prior = dist[:, None] * (slope * 2.0 ** -np.arange(num_heads, dtype=np.float32))[None, :]
+
+  def init(key, shape, dtype=jnp.float32):
+    base = nn.initializers.truncated_normal(0.02)(key, shape, dtype)
+    return base - jnp.asarray(prior, dtype) if slope else base
+
+  return init
+
+
 class WindowAttention(nn.Module):
   """(Shifted-)window multi-head self-attention with a learned relative position bias.
 
@@ -209,6 +227,9 @@ class WindowAttention(nn.Module):
   num_heads: int = 4  # attention heads; head dim = dim // num_heads
   window: int = 8  # window size w (tokens per side)
   shift: int = 0  # cyclic shift; 0 for regular blocks, window // 2 for shifted ones
+  # Locality prior of the bias table at init: -slope * 2^-h * distance for head h (ALiBi-
+  # style); 0 keeps Swin's trunc-normal(0.02). Still learned; only the start differs.
+  rpb_init_slope: float = 0.0
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
 
@@ -246,7 +267,9 @@ class WindowAttention(nn.Module):
 
     table = self.param(
         "rel_pos_bias",
-        nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), ("rel_pos", "heads")),
+        nn.with_logical_partitioning(
+            relative_bias_init(w, nh, self.rpb_init_slope), ("rel_pos", "heads")
+        ),
         ((2 * w - 1) ** 2, nh),
         self.param_dtype,
     )
@@ -296,6 +319,7 @@ class SwinBlock(nn.Module):
   window: int = 8  # window size w
   shift: int = 0  # cyclic shift (0 or window // 2)
   expansion: int = 4  # gated FFN expansion factor (choice)
+  rpb_init_slope: float = 0.0  # locality prior of the bias table at init (WindowAttention)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
 
@@ -308,6 +332,7 @@ class SwinBlock(nn.Module):
         self.num_heads,
         self.window,
         self.shift,
+        rpb_init_slope=self.rpb_init_slope,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name="attn",
