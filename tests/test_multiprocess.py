@@ -7,23 +7,16 @@ import sys
 
 import jax
 import numpy as np
+import tiny
 
 from infdiff import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "--config.stages=('rapd_stage1',)",
+    *tiny.STAGE1_ONLY,
     "--config.total_steps=3",
     "--config.log_every=1",
     "--config.checkpoint_every=3",
-    "--config.data.num_threads=1",
-    "--config.rapd_stage1.enc_size=16",
-    "--config.rapd_stage1.target_window=16",
-    "--config.rapd_stage1.renderer.dim=16",
-    "--config.rapd_stage1.encoder.n_resblocks=1",
-    "--config.rapd_stage1.batch_size=4",
-    "--config.rapd_stage1.stats_images=8",
-    "--config.rapd_stage1.stats_batch_size=4",
 ]
 
 
@@ -35,9 +28,7 @@ def _free_port():
 
 def test_two_processes_train_data_parallel(tmp_path):
   port = _free_port()
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device per process: a 2-device global mesh
-  env["JAX_PLATFORMS"] = "cpu"
+  env = tiny.subprocess_env()  # one CPU device per process: a 2-device global mesh
   procs = []
   for i in range(2):
     cmd = [

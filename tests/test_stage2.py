@@ -7,20 +7,14 @@ import sys
 
 import numpy as np
 import pytest
+import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
+    *tiny.STAGE1,
     "--config.total_steps=4",
     "--config.log_every=2",
     "--config.checkpoint_every=4",
-    "--config.data.num_threads=1",
-    "--config.rapd_stage1.enc_size=16",
-    "--config.rapd_stage1.target_window=16",
-    "--config.rapd_stage1.renderer.dim=16",
-    "--config.rapd_stage1.encoder.n_resblocks=1",
-    "--config.rapd_stage1.batch_size=4",
-    "--config.rapd_stage1.stats_images=8",
-    "--config.rapd_stage1.stats_batch_size=4",
     "--config.rapd_stage2.batch_size=4",
     "--config.rapd_stage2.dit.depth=1",
     "--config.rapd_stage2.dit.width=32",
@@ -38,11 +32,7 @@ TINY = [
 ]
 
 
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+_env = tiny.subprocess_env
 
 
 @pytest.fixture(scope="module")

@@ -12,32 +12,17 @@ import chex
 import jax
 import numpy as np
 import pytest
+import tiny
 
 from infdiff import checkpoint as ckpt_lib
 from infdiff import sharding as shard_lib
 from infdiff import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--config.stages=('rapd_stage1',)",
-    "--config.rapd_stage1.enc_size=16",
-    "--config.rapd_stage1.target_window=16",
-    "--config.rapd_stage1.renderer.dim=16",
-    "--config.rapd_stage1.renderer.depth=2",
-    "--config.rapd_stage1.encoder.n_resblocks=1",
-    "--config.rapd_stage1.batch_size=4",
-    "--config.rapd_stage1.stats_images=8",
-    "--config.rapd_stage1.stats_batch_size=4",
-    "--config.data.num_threads=1",
-    "--config.log_every=5",
-]
+TINY = [*tiny.STAGE1_ONLY, "--config.log_every=5"]
 
 
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device per subprocess: faster start
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+_env = tiny.subprocess_env
 
 
 def run_main(workdir, *extra, config="configs/rapd.py:demo", check=True, **kw):
