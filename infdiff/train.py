@@ -110,8 +110,12 @@ def _make_loader(config, stage_cfg, transform, split, seed, num_epochs=None, bat
   )
 
 
-def build_state(method, config, mesh, rules, first_batch):
-  """eval_shape -> shardings -> jit(init). Returns (state, state_shardings, txs)."""
+def build_state(method, config, mesh, rules, first_batch, materialize=True):
+  """eval_shape -> shardings -> jit(init). Returns (state, state_shardings, txs).
+
+  With materialize=False nothing is initialised: `state` is the abstract state whose
+  leaves carry their target shardings, the restore target of a resumed run.
+  """
   groups = method.groups
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(rng)
@@ -136,11 +140,12 @@ def build_state(method, config, mesh, rules, first_batch):
 
   with mesh, nn.logical_axis_rules(rules):
     abstract_state = jax.eval_shape(init_fn, init_rng)
-    shardings = shard_lib.logical_shardings(abstract_state, mesh, rules)
+    shardings = shard_lib.logical_shardings(abstract_state, mesh, rules)  # unboxed tree
+    if not materialize:
+      abstract = ckpt_lib.abstract_with_shardings(nn.unbox(abstract_state), shardings)
+      return abstract, shardings, txs
     state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
-  state = nn.unbox(state)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  return state, shardings, txs
+  return nn.unbox(state), shardings, txs
 
 
 def make_train_step(method, txs, config):
@@ -206,8 +211,9 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, save_every=1
   )
   latest = mngr.latest_step()
-  if latest is not None and latest >= config.total_steps and not config.get("rerun_finalize"):
+  if latest is not None and latest >= config.total_steps:
     logging.info("[%s] already trained to step %d; skipping.", stage, latest)
+    mngr.close()
     return None
 
   # Data first: a bad source fails here, before anything compiles.
@@ -232,24 +238,22 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {dp} data-parallel devices")
 
   aux = method.prepare(mesh)
-  state, shardings, txs = build_state(method, config, mesh, rules, host_first)
-  if jax.process_index() == 0:
-    logging.info(
-        "[%s] parameters:\n%s", stage, parameter_overview.get_parameter_overview(state.params)
-    )
-
-  # Resume (onto whatever mesh this run has).
+  # A resumed run restores straight into the target shardings, without initialising.
+  state, shardings, txs = build_state(
+      method, config, mesh, rules, host_first, materialize=latest is None
+  )
   start_step = 0
   if latest is not None:
-    abstract = ckpt_lib.abstract_with_shardings(
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings
-    )
-    state, data_state = ckpt_lib.restore(mngr, latest, abstract)
+    state, data_state = ckpt_lib.restore(mngr, latest, state)
     data_iter.set_state(data_state if data_state is not None else start_data_state)
     start_step = int(jax.device_get(state.step))
     logging.info("[%s] resumed from step %d", stage, start_step)
   else:
     data_iter.set_state(start_data_state)
+  if jax.process_index() == 0:
+    logging.info(
+        "[%s] parameters:\n%s", stage, parameter_overview.get_parameter_overview(state.params)
+    )
 
   batch_shardings = {
       k: shard_lib.batch_sharding(mesh, np.asarray(v).ndim) for k, v in host_first.items()
