@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging as pylogging
 import os
 import signal
 from typing import Any
@@ -349,7 +348,3 @@ def _write_summaries(method, ctx, host_batch, step):
   images = method.summaries(ctx.state.ema or ctx.state.params, ctx.aux, batch, rng)
   for name, img in images.items():
     ctx.writer.write_images(step, name, np.asarray(jax.device_get(img)))
-
-
-# Quiet Orbax/absl chatter in the plain log but keep warnings.
-pylogging.getLogger("absl").setLevel(pylogging.INFO)
