@@ -209,10 +209,18 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
   mngr = ckpt_lib.manager(
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, save_every=1
   )
+  try:
+    return _train_stage(config, stage, workdir, method, mngr)
+  finally:
+    # Also on errors: an open manager's background threads would fail at interpreter exit.
+    mngr.close()
+
+
+def _train_stage(config, stage, workdir, method, mngr):
+  """The body of `train_stage` once the checkpoint manager exists."""
   latest = mngr.latest_step()
   if latest is not None and latest >= config.total_steps:
     logging.info("[%s] already trained to step %d; skipping.", stage, latest)
-    mngr.close()
     return None
 
   # Data first: a bad source fails here, before anything compiles.
@@ -323,7 +331,6 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
       if sig.signum is not None:
         ckpt_lib.save(mngr, step, state, _iter_state(data_iter), force=True)
         mngr.wait_until_finished()
-        mngr.close()
         writer.flush()
         logging.info(
             "[%s] signal %d: checkpoint at step %d written; exiting", stage, sig.signum, step
@@ -331,7 +338,6 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
         raise Preempted(f"stopped by signal {sig.signum} at step {step}")
 
   mngr.wait_until_finished()
-  mngr.close()
   ctx.state = state
   method.finalize(ctx)
   writer.flush()
