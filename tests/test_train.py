@@ -107,11 +107,9 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
       break
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     time.sleep(0.2)
-  t0 = time.time()
   proc.send_signal(signal.SIGTERM)
-  rc = proc.wait(timeout=60)
+  rc = proc.wait(timeout=60)  # the contract: checkpoint and exit within 60 s (else TimeoutExpired)
   assert rc == 0, proc.stderr.read().decode()[-2000:]
-  assert time.time() - t0 < 60
   steps = [int(s) for s in os.listdir(w / "rapd_stage1" / "checkpoints") if s.isdigit()]
   assert steps and max(steps) >= 5
 
