@@ -130,6 +130,38 @@ def log_scalars(stage: str, step: int, scalars: dict[str, float]) -> None:
   logging.info("[%s] eval at step %d: %s", stage, step, text)
 
 
+class PeriodicEvaluator:
+  """Shared part of the `Evaluator`s that `config.evals` runs during training.
+
+  Reads `every`, `num` and `seed` from the evaluator config, opens the held-out source
+  once, and logs/returns the scalars of the `Result` that a subclass's `evaluate(ctx)`
+  computes.
+  """
+
+  default_num = 8  # images per evaluation when the config gives no `num`
+
+  def __init__(self, ecfg):
+    self.ecfg = ecfg
+    self.every = int(ecfg_get(ecfg, "every", 0))
+    self.num = int(ecfg_get(ecfg, "num", self.default_num))
+    self.seed = int(ecfg_get(ecfg, "seed", 0))
+    self._source = None
+
+  def source(self, ctx):
+    """The held-out data source of the run, built on first use."""
+    if self._source is None:
+      self._source = held_out_source(ctx.config.data)
+    return self._source
+
+  def evaluate(self, ctx):
+    raise NotImplementedError
+
+  def run(self, ctx, step: int) -> dict[str, float]:
+    scalars = {k: float(np.asarray(v)) for k, v in self.evaluate(ctx).scalars().items()}
+    log_scalars(ctx.method.stage, step, scalars)
+    return scalars
+
+
 # ---------------------------------------------------------------------------------------
 # Sizes.
 

@@ -219,7 +219,7 @@ def cli(args: common.EvalArgs) -> common.Result:
   )
 
 
-class Evaluator:
+class Evaluator(common.PeriodicEvaluator):
   """Periodic FID-family metric during stage 2.
 
   ecfg: every, variant ('fid' | 'pfid' | 'fid_clip'; default the ecfg's metric name),
@@ -227,9 +227,10 @@ class Evaluator:
   statistics are cached in the run's eval/ directory.
   """
 
+  default_num = 64
+
   def __init__(self, ecfg):
-    self.ecfg = ecfg
-    self.every = int(common.ecfg_get(ecfg, "every", 0))
+    super().__init__(ecfg)
     self.metric = str(common.ecfg_get(ecfg, "variant", common.ecfg_get(ecfg, "metric", "fid")))
     if self.metric not in NETWORKS:
       raise ValueError(f"evals: unknown FID variant {self.metric!r}; known: {', '.join(NETWORKS)}")
@@ -237,20 +238,15 @@ class Evaluator:
     if not weights:
       raise ValueError(f"evals: {self.metric} needs 'weights' (a {NETWORKS[self.metric][0]} path)")
     self.net = FeatureNet(self.metric, weights)
-    self.num = int(common.ecfg_get(ecfg, "num", 64))
-    self.seed = int(common.ecfg_get(ecfg, "seed", 0))
     self.sizes = common.ecfg_sizes(ecfg, DEFAULT_SIZES)
     self.patch = int(common.ecfg_get(ecfg, "patch", 64))
     self.crops = int(common.ecfg_get(ecfg, "crops_per_image", 4))
-    self._source = None
 
-  def run(self, ctx, step: int) -> dict[str, float]:
-    if self._source is None:
-      self._source = common.held_out_source(ctx.config.data)
-    res = evaluate(
+  def evaluate(self, ctx):
+    return evaluate(
         self.metric,
         common.generator_from_ctx(ctx),
-        self._source,
+        self.source(ctx),
         self.net,
         num=self.num,
         seed=self.seed,
@@ -260,6 +256,3 @@ class Evaluator:
         cache_dir=os.path.join(common.run_root(ctx.workdir), "eval"),
         source_name=str(ctx.config.data.source),
     )
-    scalars = res.scalars()
-    common.log_scalars(ctx.method.stage, step, scalars)
-    return scalars

@@ -53,22 +53,14 @@ def cli(args: common.EvalArgs) -> common.Result:
   return evaluate(stage1, source, num=args.num or DEFAULT_NUM, seed=args.seed)
 
 
-class Evaluator:
+class Evaluator(common.PeriodicEvaluator):
   """Periodic scale consistency during stage 1 (ecfg: every, num, seed, tile)."""
 
   def __init__(self, ecfg):
-    self.ecfg = ecfg
-    self.every = int(common.ecfg_get(ecfg, "every", 0))
-    self.num = int(common.ecfg_get(ecfg, "num", 8))
-    self.seed = int(common.ecfg_get(ecfg, "seed", 0))
+    super().__init__(ecfg)
     self._cache: dict = {}
-    self._source = None
 
-  def run(self, ctx, step: int) -> dict[str, float]:
-    if self._source is None:
-      self._source = common.held_out_source(ctx.config.data)
+  def evaluate(self, ctx):
     tile = int(common.ecfg_get(self.ecfg, "tile", common.DEFAULT_TILE))
     stage1 = common.stage1_from_ctx(ctx, self._cache, tile=tile)
-    scalars = evaluate(stage1, self._source, num=self.num, seed=self.seed).scalars()
-    common.log_scalars(ctx.method.stage, step, scalars)
-    return scalars
+    return evaluate(stage1, self.source(ctx), num=self.num, seed=self.seed)

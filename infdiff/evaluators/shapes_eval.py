@@ -10,8 +10,6 @@ per-category accuracies, as GenEval reports); one column per size.
 
 from __future__ import annotations
 
-import numpy as np
-
 from infdiff.data import shapes
 from infdiff.evaluators import common, shapes_detector
 
@@ -52,19 +50,15 @@ def cli(args: common.EvalArgs) -> common.Result:
   )
 
 
-class Evaluator:
+class Evaluator(common.PeriodicEvaluator):
   """Periodic ShapesEval during stage 2 (ecfg: every, num, seed, sizes)."""
 
+  default_num = 2
+
   def __init__(self, ecfg):
-    self.ecfg = ecfg
-    self.every = int(common.ecfg_get(ecfg, "every", 0))
-    self.num = int(common.ecfg_get(ecfg, "num", 2))
-    self.seed = int(common.ecfg_get(ecfg, "seed", 0))
+    super().__init__(ecfg)
     self.sizes = common.ecfg_sizes(ecfg, DEFAULT_SIZES)
 
-  def run(self, ctx, step: int) -> dict[str, float]:
+  def evaluate(self, ctx):
     gen = common.generator_from_ctx(ctx)
-    res = evaluate(gen, num=self.num, seed=self.seed, sizes=self.sizes)
-    scalars = res.scalars()
-    common.log_scalars(ctx.method.stage, step, scalars)
-    return {k: float(np.asarray(v)) for k, v in scalars.items()}
+    return evaluate(gen, num=self.num, seed=self.seed, sizes=self.sizes)

@@ -65,21 +65,15 @@ def cli(args: common.EvalArgs) -> common.Result:
   return evaluate(gen, source, num=args.num or DEFAULT_NUM, seed=args.seed, sizes=sizes)
 
 
-class Evaluator:
+class Evaluator(common.PeriodicEvaluator):
   """Periodic SWD during stage 2 (ecfg: every, num, seed, sizes)."""
 
-  def __init__(self, ecfg):
-    self.ecfg = ecfg
-    self.every = int(common.ecfg_get(ecfg, "every", 0))
-    self.num = int(common.ecfg_get(ecfg, "num", 16))
-    self.seed = int(common.ecfg_get(ecfg, "seed", 0))
-    self.sizes = common.ecfg_sizes(ecfg, DEFAULT_SIZES)
-    self._source = None
+  default_num = 16
 
-  def run(self, ctx, step: int) -> dict[str, float]:
-    if self._source is None:
-      self._source = common.held_out_source(ctx.config.data)
+  def __init__(self, ecfg):
+    super().__init__(ecfg)
+    self.sizes = common.ecfg_sizes(ecfg, DEFAULT_SIZES)
+
+  def evaluate(self, ctx):
     gen = common.generator_from_ctx(ctx)
-    scalars = evaluate(gen, self._source, num=self.num, seed=self.seed, sizes=self.sizes).scalars()
-    common.log_scalars(ctx.method.stage, step, scalars)
-    return scalars
+    return evaluate(gen, self.source(ctx), num=self.num, seed=self.seed, sizes=self.sizes)
