@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stages = ()  # stage modules under infdiff.methods, trained in order into workdir/<stage>
   c.seed = 0  # seeds params, data order and every per-step key
-  c.total_steps = 1000  # steps of each stage of this run
+  c.total_steps = 1000  # steps of each stage (a stage may set its own <stage>.total_steps)
   c.log_every = 50  # steps between scalar logs and the progress line
   c.checkpoint_every = 1000  # steps between checkpoints (also at the end and on SIGTERM)
   c.keep_checkpoints = 3  # newest checkpoints kept

@@ -91,6 +91,57 @@ def nearest_latent(latent: jax.Array, coords: jax.Array, shift=(0.0, 0.0)) -> Ne
   return NearestQuery(feat, center, offset)
 
 
+def _keys_cubic(t, a: float = -0.5):
+  """Weights of the 4 taps at offsets -1, 0, 1, 2 for fractional position t in [0, 1)."""
+
+  def inner(x):  # |x| <= 1
+    return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+
+  def outer(x):  # 1 < |x| < 2
+    return ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+
+  return jnp.stack([outer(t + 1.0), inner(t), inner(1.0 - t), outer(2.0 - t)], axis=-1)
+
+
+def interpolate_latent(latent: jax.Array, coords: jax.Array, kind: str = "bicubic") -> jax.Array:
+  """Samples a grid at arbitrary coordinates by bilinear or bicubic interpolation.
+
+  Cell centres follow the pixel-centre convention, so at a cell centre the result is that
+  cell's value. Samples beyond the outermost centres use edge replication (PyTorch's
+  `interpolate(..., align_corners=False)` border rule); bicubic is Keys' kernel with
+  a = -0.5, the kernel of PIL, PyTorch and `jax.image.resize(method='cubic')`.
+
+  Args:
+    latent: [B, h, w, C] grid.
+    coords: [B, ..., 2] query coordinates (row, col).
+    kind: 'bilinear' or 'bicubic'.
+
+  Returns:
+    [B, ..., C] interpolated values, in the latent's dtype.
+  """
+  if kind not in ("bilinear", "bicubic"):
+    raise ValueError(f"unknown interpolation {kind!r}; use 'bilinear' or 'bicubic'")
+  b, h, w, c = latent.shape
+  taps = 4 if kind == "bicubic" else 2
+
+  def axis(coord, size):
+    u = (coord + 1.0) * size / 2.0 - 0.5  # continuous index, centres at integers
+    i0 = jnp.floor(u)
+    t = u - i0
+    first = i0.astype(jnp.int32) - (1 if kind == "bicubic" else 0)
+    idx = jnp.clip(first[..., None] + jnp.arange(taps), 0, size - 1)  # [..., taps]
+    wts = _keys_cubic(t) if kind == "bicubic" else jnp.stack([1.0 - t, t], axis=-1)
+    return idx, wts
+
+  iy, wy = axis(coords[..., 0], h)
+  ix, wx = axis(coords[..., 1], w)
+  lin = (iy[..., :, None] * w + ix[..., None, :]).reshape(b, -1)  # [B, Q * taps^2]
+  vals = jnp.take_along_axis(latent.reshape(b, h * w, c), lin[..., None], axis=1)
+  vals = vals.reshape(*coords.shape[:-1], taps, taps, c)
+  wgt = (wy[..., :, None] * wx[..., None, :]).astype(latent.dtype)
+  return jnp.einsum("...ijc,...ij->...c", vals, wgt)
+
+
 def random_coord_subset(rng: jax.Array, h: int, w: int, n: int):
   """n distinct pixel indices of an h x w grid, sampled uniformly without replacement.
 

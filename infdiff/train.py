@@ -199,8 +199,13 @@ def _average(history):
   return out
 
 
+def stage_steps(config, stage: str) -> int:
+  """Steps of one stage: `config.<stage>.total_steps` if the stage sets it, else total_steps."""
+  return int(config[stage].get("total_steps", None) or config.total_steps)
+
+
 def train_stage(config, stage: str, workdir: str) -> TrainState | None:
-  """Trains one stage to config.total_steps, resuming from workdir if possible."""
+  """Trains one stage to its `stage_steps`, resuming from workdir if possible."""
   os.makedirs(workdir, exist_ok=True)
   method = get_method_class(stage)(config, stage, workdir)
   if jax.process_index() == 0:
@@ -219,7 +224,8 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
 def _train_stage(config, stage, workdir, method, mngr):
   """The body of `train_stage` once the checkpoint manager exists."""
   latest = mngr.latest_step()
-  if latest is not None and latest >= config.total_steps:
+  total = stage_steps(config, stage)
+  if latest is not None and latest >= total:
     logging.info("[%s] already trained to step %d; skipping.", stage, latest)
     return None
 
@@ -286,7 +292,6 @@ def _train_stage(config, stage, workdir, method, mngr):
   )
   evaluators = utils.make_evaluators(config, stage)
 
-  total = config.total_steps
   history = []
   progress = utils.Progress(total, start_step)
   step = start_step

@@ -14,7 +14,7 @@ from infdiff import checkpoint as ckpt_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     *tiny.STAGE1_ONLY,
-    "--config.total_steps=3",
+    *tiny.steps(3),
     "--config.log_every=1",
     "--config.checkpoint_every=3",
 ]

@@ -11,8 +11,8 @@ from infdiff.models.renderers import make_renderer
 H, W = 333, 517  # odd sizes: neither a multiple of the tile nor of the CQAR window
 TINY = {
     "cqar": dict(dim=8, depth=4, num_heads=2, window=8),  # halo 16, align 8
-    "clif": dict(features=8),  # halo 8
-    "liif": dict(hidden=(16,)),  # halo 0
+    "clif": dict(features=8, rgb_base="bilinear"),  # halo 8; the base needs no halo
+    "liif": dict(hidden=(16,), rgb_base="bicubic"),  # halo 0
 }
 
 

@@ -12,7 +12,7 @@ import tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     *tiny.STAGE1,
-    "--config.total_steps=4",
+    *tiny.steps(4),
     "--config.log_every=2",
     "--config.checkpoint_every=4",
     "--config.rapd_stage2.batch_size=4",

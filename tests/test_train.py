@@ -41,7 +41,7 @@ def final_params(workdir, stage="rapd_stage1"):
 
 def test_demo_trains_writes_events_and_checkpoints(tmp_path):
   w = tmp_path / "w"
-  run_main(w, "--config.total_steps=10", "--config.checkpoint_every=5")
+  run_main(w, *tiny.steps(10), "--config.checkpoint_every=5")
   stage = w / "rapd_stage1"
   assert max(int(s) for s in os.listdir(stage / "checkpoints") if s.isdigit()) == 10
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(stage))
@@ -54,7 +54,7 @@ def test_demo_trains_writes_events_and_checkpoints(tmp_path):
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
   n = 10
   ref = tmp_path / "ref"
-  run_main(ref, f"--config.total_steps={2 * n}", f"--config.checkpoint_every={n}")
+  run_main(ref, *tiny.steps(2 * n), f"--config.checkpoint_every={n}")
   ref_params, ref_step = final_params(ref)
   assert ref_step == 2 * n
 
@@ -67,7 +67,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
       "--config=configs/rapd.py:demo",
       f"--workdir={killed}",
   ]
-  cmd += TINY + [f"--config.total_steps={2 * n}", f"--config.checkpoint_every={n}"]
+  cmd += TINY + [*tiny.steps(2 * n), f"--config.checkpoint_every={n}"]
   # Slow the steps after the first checkpoint only via a long run horizon is not
   # possible, so poll tightly and kill as soon as step n is committed.
   proc = subprocess.Popen(
@@ -87,7 +87,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     pytest.skip("the run finished before it could be killed; nothing to resume")
   assert proc.returncode == -signal.SIGKILL
   assert steps == [n]
-  run_main(killed, f"--config.total_steps={2 * n}", f"--config.checkpoint_every={n}")
+  run_main(killed, *tiny.steps(2 * n), f"--config.checkpoint_every={n}")
   params, step = final_params(killed)
   assert step == 2 * n
   chex.assert_trees_all_equal(params, ref_params)
@@ -96,7 +96,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
   w = tmp_path / "w"
   cmd = [sys.executable, "-m", "infdiff.main", "--config=configs/rapd.py:demo", f"--workdir={w}"]
-  cmd += TINY + ["--config.total_steps=100000", "--config.checkpoint_every=100000"]
+  cmd += TINY + [*tiny.steps(100000), "--config.checkpoint_every=100000"]
   proc = subprocess.Popen(
       cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
   )
@@ -258,7 +258,7 @@ def test_training_on_messy_folder_counts_skipped_files(tmp_path):
       f"--config.data.source=folder:{folder}",
       "--config.data.max_pixels=10000",
       "--config.data.eval_fraction=0.0",
-      "--config.total_steps=4",
+      *tiny.steps(4),
       "--config.log_every=4",
   )
   line = [x for x in (w / "train.log").read_text().splitlines() if "step 4/4" in x][-1]
@@ -271,7 +271,7 @@ def test_nonfinite_loss_is_skipped_then_one_line_error(tmp_path):
       tmp_path / "w",
       "--config.rapd_stage1.optim.lr=1e30",
       "--config.rapd_stage1.optim.grad_clip=0",
-      "--config.total_steps=60",
+      *tiny.steps(60),
       "--config.max_nonfinite_steps=5",
       check=False,
   )
@@ -282,3 +282,19 @@ def test_nonfinite_loss_is_skipped_then_one_line_error(tmp_path):
   log = (tmp_path / "w" / "train.log").read_text()
   skipped = [float(x) for x in re.findall(r"nonfinite_skipped ([0-9.]+)", log)]
   assert skipped and skipped[-1] > 0  # steps were skipped (counted) before the error
+
+
+def test_stage_steps_follow_the_stage_config():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("rapd_cfg", os.path.join(ROOT, "configs/rapd.py"))
+  rapd = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(rapd)
+  c = rapd.get_config("demo")
+  c.total_steps = 40
+  assert train.stage_steps(c, "rapd_stage1") == 160  # the demo: 4x steps, 1/4 batch
+  assert train.stage_steps(c, "rapd_stage2") == 40
+  assert c.rapd_stage1.optim.decay_steps == 160  # the cosine ends with the stage
+  c.rapd_stage1.total_steps = 7
+  assert train.stage_steps(c, "rapd_stage1") == 7 and c.rapd_stage1.optim.decay_steps == 7
+  assert train.stage_steps(rapd.get_config(""), "rapd_stage1") == 10_000

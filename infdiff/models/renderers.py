@@ -23,6 +23,8 @@ Every renderer also reports what seamless tiling needs (infdiff/render.py):
 - `tile_align()`: tile origins (and the halo and tile size) must be multiples of it.
 
 Renderers are picked by name with `make_renderer('cqar' | 'liif' | 'clif', **fields)`.
+Each takes `rgb_base` ('none' as published, or 'bilinear' / 'bicubic'): the renderer's
+output is then a residual over the interpolated linear RGB projection of the latent.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from infdiff.models import swin
 from infdiff.models.edsr import conv3x3
 
 
-def _dense(features, axes, dtype, param_dtype, name):
+def _dense(features, axes, dtype, param_dtype, name, zero=False):
+  init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
   return nn.Dense(
       features,
       dtype=dtype,
       param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      kernel_init=nn.with_logical_partitioning(init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
       name=name,
   )
@@ -54,6 +57,24 @@ def _latent_units(latent: jax.Array, coords: jax.Array, cells: jax.Array) -> jax
   size = jnp.array(latent.shape[1:3], coords.dtype)
   rel = cells.astype(coords.dtype) * size / 2.0  # [B, 2]
   return jnp.broadcast_to(rel[:, None, None, :], coords.shape)
+
+
+def _add_rgb_base(rgb, latent, coords, kind, dtype, param_dtype):
+  """Global residual: rgb + interpolation of a learned linear RGB projection of the latent.
+
+  With kind 'bilinear' or 'bicubic' the renderer learns a correction to a smooth
+  upsampling of `Linear(z)` (global residual learning as in VDSR / LTE), which the
+  attention or convolution stack otherwise has to rediscover. The base is pointwise in the
+  queries and depends only on the latent, so tiling and halos are unchanged. Must be
+  called inside a compact __call__; its parameters are 'rgb_base'.
+  """
+  if kind not in ("none", "bilinear", "bicubic"):
+    raise ValueError(f"rgb_base must be 'none', 'bilinear' or 'bicubic', got {kind!r}")
+  if kind == "none":
+    return rgb
+  proj = _dense(3, ("latent", None), dtype, param_dtype, "rgb_base")(latent.astype(dtype))
+  base = fields.interpolate_latent(proj.astype(jnp.float32), coords.astype(jnp.float32), kind)
+  return rgb + base
 
 
 class CQAR(nn.Module):
@@ -72,6 +93,7 @@ class CQAR(nn.Module):
   window: int = 8  # window size w, even (Table 5: 8)
   expansion: int = 4  # gated FFN expansion factor (choice)
   rpb_init_slope: float = 0.0  # locality prior of the relative bias at init (choice; 0 = Swin)
+  rgb_base: str = "none"  # residual base: 'none' | 'bilinear' | 'bicubic' (choice)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
 
@@ -120,8 +142,11 @@ class CQAR(nn.Module):
           name=f"block{i}",
       )(x, valid)
     x = swin.layer_norm(self.dtype, self.param_dtype, "norm_out")(x[:, :hq, :wq])
-    rgb = _dense(3, ("embed", None), self.dtype, self.param_dtype, "head")(x)
-    return rgb.astype(jnp.float32)  # [B, H, W, 3]
+    # With a residual base the head starts at zero, so the renderer starts as the base.
+    zero = self.rgb_base != "none"
+    rgb = _dense(3, ("embed", None), self.dtype, self.param_dtype, "head", zero)(x)
+    rgb = rgb.astype(jnp.float32)
+    return _add_rgb_base(rgb, latent, coords, self.rgb_base, self.dtype, self.param_dtype)
 
 
 class LIIF(nn.Module):
@@ -134,6 +159,7 @@ class LIIF(nn.Module):
   """
 
   hidden: tuple[int, ...] = (256, 256, 256, 256)  # MLP hidden widths (LIIF's default)
+  rgb_base: str = "none"  # residual base: 'none' | 'bilinear' | 'bicubic' (choice)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
 
@@ -167,7 +193,8 @@ class LIIF(nn.Module):
     pred = pred.astype(jnp.float32)  # [4, B, H, W, 3]
     areas = jnp.stack(areas[::-1])  # diagonal swap: weight k = area of neighbour 3 - k
     weights = areas / jnp.sum(areas, axis=0, keepdims=True)
-    return jnp.sum(pred * weights[..., None], axis=0)  # [B, H, W, 3]
+    rgb = jnp.sum(pred * weights[..., None], axis=0)  # [B, H, W, 3]
+    return _add_rgb_base(rgb, latent, coords, self.rgb_base, self.dtype, self.param_dtype)
 
 
 class CLIF(nn.Module):
@@ -181,6 +208,7 @@ class CLIF(nn.Module):
 
   features: int = 128  # conv width (choice; INFD calls its renderer lightweight)
   n_resblocks: int = 2  # residual blocks (INFD: 2)
+  rgb_base: str = "none"  # residual base: 'none' | 'bilinear' | 'bicubic' (choice)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
 
@@ -217,8 +245,8 @@ class CLIF(nn.Module):
     for i in range(self.n_resblocks):
       h = nn.relu(conv(self.features, f"block{i}_conv1")(mask(x)))
       x = x + conv(self.features, f"block{i}_conv2")(mask(h))
-    rgb = conv(3, "conv_out")(mask(x))
-    return rgb.astype(jnp.float32)  # [B, H, W, 3]
+    rgb = conv(3, "conv_out")(mask(x)).astype(jnp.float32)  # [B, H, W, 3]
+    return _add_rgb_base(rgb, latent, coords, self.rgb_base, self.dtype, self.param_dtype)
 
 
 RENDERERS: dict[str, type[nn.Module]] = {"cqar": CQAR, "liif": LIIF, "clif": CLIF}
