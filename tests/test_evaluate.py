@@ -215,3 +215,19 @@ def test_held_out_split_falls_back_to_all_for_tiny_folders():
   # The 9 built-in photos hold none out at the default eval fraction.
   src = common.held_out_source(common.with_source(default_data_config(), "photos"))
   assert len(src) == 9
+
+
+def test_recon_crops_cycle_over_a_small_held_out_folder(tmp_path):
+  from PIL import Image
+
+  from infdiff.data import sources
+  from infdiff.evaluators import recon
+
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+  source = sources.folder_source(str(tmp_path), split="all", eval_fraction=0.0)
+  assert len(source) == 1
+  out = recon.crops(source, 3, 64, seed=0)
+  assert out.shape == (3, 64, 64, 3)
+  # Three positions in the one image, not three copies of one crop.
+  assert np.abs(out[0] - out[1]).max() > 0.1 and np.abs(out[1] - out[2]).max() > 0.1

@@ -179,6 +179,10 @@ def test_renderer_shapes_finite_and_partitioned(name):
 def test_make_renderer_unknown_name_lists_known():
   with pytest.raises(ValueError, match="clif.*cqar.*liif"):
     make_renderer("siren")
+  # Another renderer's fields (e.g. --config.rapd_stage1.renderer.name=clif on the CQAR
+  # config) are a one-line error naming them, not a TypeError from the dataclass.
+  with pytest.raises(ValueError, match=r"'clif' has no field\(s\) depth, dim.*renderer=clif"):
+    make_renderer("clif", dim=64, depth=2, features=8)
 
 
 def test_halos_and_alignment():

@@ -47,9 +47,17 @@ def _lpips_fn(path: str | None):
 
 
 def crops(source, num: int, side: int, seed: int) -> np.ndarray:
-  """[num, side, side, 3] held-out crops (step 1 of the protocol)."""
+  """[num, side, side, 3] held-out crops (step 1 of the protocol).
+
+  Crop j comes from image j % len(source) at a position drawn from (seed, j), so a small
+  held-out set (e.g. the one colour photo the built-in `photos` hold out) gives `num`
+  different crops instead of `len(source)`.
+  """
   return np.stack(
-      [common.square_crop(source, i, side, np.random.default_rng([seed, i])) for i in range(num)]
+      [
+          common.square_crop(source, j % len(source), side, np.random.default_rng([seed, j]))
+          for j in range(num)
+      ]
   )
 
 
@@ -67,7 +75,8 @@ def evaluate(
   Args:
     stage1: the autoencoder (`common.Stage1`).
     source: held-out data source.
-    num: number of images (at most the source's size).
+    num: number of crops: shapes scenes (at most the source's size), or random crops
+      cycling over the held-out files.
     seed: crop positions.
     scales: output scales k.
     lpips: optional `(a, b) -> [N]` LPIPS distances.
@@ -77,7 +86,9 @@ def evaluate(
     bicubic_ssim (+ model_lpips, bicubic_lpips).
   """
   r = stage1.enc_size
-  n = common.num_images(source, num)
+  images = common.num_images(source, num)
+  # Analytic scenes are whole images (one crop each); file images give num random crops.
+  n = images if hasattr(source, "scene") else num
   big = crops(source, n, max(scales) * r, seed)  # [N, 4r, 4r, 3]
 
   def down(x, s):  # [N, S, S, 3] -> [N, s, s, 3], exact box filter per image
@@ -105,8 +116,17 @@ def evaluate(
   return common.Result(
       "recon",
       rows,
-      meta={"num_images": n, "enc_size": r, "crop": max(scales) * r, "seed": seed},
-      note=f"{n} held-out images, crop {max(scales) * r}^2, encoder input {r}^2; PSNR dB.",
+      meta={
+          "num_images": images,
+          "num_crops": n,
+          "enc_size": r,
+          "crop": max(scales) * r,
+          "seed": seed,
+      },
+      note=(
+          f"{n} crops of {images} held-out images, crop {max(scales) * r}^2, "
+          f"encoder input {r}^2; PSNR dB."
+      ),
   )
 
 

@@ -29,6 +29,7 @@ output is then a residual over the interpolated linear RGB projection of the lat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -270,4 +271,13 @@ def make_renderer(name: str, **kwargs) -> nn.Module:
   # Lists (e.g. LIIF's hidden widths read back from a JSON config) become tuples: modules
   # must hash, since a renderer is a static argument of the jitted tile renderer.
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-  return RENDERERS[name](**kwargs)
+  cls = RENDERERS[name]
+  known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(kwargs) - known)
+  if unknown:
+    raise ValueError(
+        f"renderer {name!r} has no field(s) {', '.join(unknown)} (its fields: "
+        f"{', '.join(sorted(known))}); in configs/rapd.py pick the renderer with the preset "
+        f"renderer={name}, which sets its fields"
+    )
+  return cls(**kwargs)
