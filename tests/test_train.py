@@ -258,9 +258,14 @@ def test_training_on_messy_folder_counts_skipped_files(tmp_path):
       f"--config.data.source=folder:{folder}",
       "--config.data.max_pixels=10000",
       "--config.data.eval_fraction=0.0",
+      "--config.rapd_stage1.stats_batch_size=16",
+      "--config.rapd_stage1.stats_images=20",
       *tiny.steps(4),
       "--config.log_every=4",
   )
+  # Fewer valid images than one statistics batch: the pass repeats the set (new crops).
+  stats = json.loads((w / "rapd_stage1" / "latent_stats.json").read_text())
+  assert stats["count"] == 20 * 16 * 16  # stats_images x enc_size^2 latents
   line = [x for x in (w / "train.log").read_text().splitlines() if "step 4/4" in x][-1]
   for reason, n in {**expected["scan_skips"], **expected["decode_skips"]}.items():
     assert f"{reason}={n}" in line, line

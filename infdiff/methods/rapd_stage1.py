@@ -212,20 +212,27 @@ class Method(BaseMethod):
 
 
 def latent_statistics(method, ctx) -> dict:
-  """One pass over (up to cfg.stats_images of) the training set with the EMA encoder."""
+  """Latent mean/std of cfg.stats_images random training crops, with the EMA encoder.
+
+  The training set is repeated (with new random crops) when it holds fewer images than
+  stats_images or than one batch, e.g. the seven built-in colour photos.
+  """
   c = method.cfg
   transform = transforms.RandomResizedSquare(size=c.enc_size)
   loader = ctx.make_loader(
-      transform=transform, split="train", num_epochs=1, batch_size=c.stats_batch_size
+      transform=transform, split="train", num_epochs=None, batch_size=c.stats_batch_size
   )
   p = (ctx.state.ema or ctx.state.params)["model"]
   encode = jax.jit(lambda p, x: method.model.apply({"params": p}, x, method="encode"))
   total = np.zeros((), np.float64)
   s1 = s2 = None
-  for i, batch in enumerate(loader):
-    if i * c.stats_batch_size >= c.stats_images:
+  seen = 0
+  for batch in loader:
+    if seen >= c.stats_images:
       break
-    z = np.asarray(jax.device_get(encode(p, jnp.asarray(batch["image"]))), np.float64)
+    take = min(len(batch["image"]), c.stats_images - seen)  # the last batch may overshoot
+    seen += take
+    z = np.asarray(jax.device_get(encode(p, jnp.asarray(batch["image"]))), np.float64)[:take]
     z = z.reshape(-1, z.shape[-1])
     s1 = z.sum(0) if s1 is None else s1 + z.sum(0)
     s2 = (z**2).sum(0) if s2 is None else s2 + (z**2).sum(0)
