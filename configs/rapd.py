@@ -60,6 +60,7 @@ def stage1_config(p) -> ml_collections.ConfigDict:
   c.dtype = "float32" if demo else "bfloat16"  # compute dtype; params stay float32
   # Table 5: 8. The demo's fixed CPU budget goes further as more, smaller steps (CQAR in the
   # same ~5 minutes, PSNR at 2x: batch 8 x 1500 steps 33.1 dB, 4 x 3000 33.5, 2 x 6000 33.7).
+  # The demo runs 2 x 4500 (rapd_stage1.total_steps) to keep both stages within 10 minutes.
   c.batch_size = 2 if demo else 8
   c.enc_size = 32 if demo else 256  # r: fixed encoder input side (choice at paper scale)
   c.s_max = 4.0  # multi-resolution scale s ~ U[1, s_max] (choice: 4)
@@ -169,9 +170,9 @@ def get_config(arg=None):
   c.data = default_data_config()
   c.data.source = "shapes" if p.demo else "folder:/path/to/images"  # see README: data sources
   c.rapd_stage1 = stage1_config(p)
-  # Stage-1 steps follow total_steps (train.stage_steps). The demo's stage 1 takes 4x as
-  # many steps as stage 2, at a quarter of its batch.
-  c.rapd_stage1.total_steps = c.get_ref("total_steps") * (4 if p.demo else 1)
+  # Stage-1 steps follow total_steps (train.stage_steps). The demo's stage 1 takes 3x as
+  # many steps as stage 2, at an eighth of its batch.
+  c.rapd_stage1.total_steps = c.get_ref("total_steps") * (3 if p.demo else 1)
   # Built-in shapes are rendered at s_max * enc_size (follows --config overrides of enc_size).
   c.data.shapes_size = c.rapd_stage1.get_ref("enc_size") * 4
   c.rapd_stage2 = stage2_config(p)
@@ -191,7 +192,7 @@ def get_config(arg=None):
     )
   if p.demo:
     c.stages = ("rapd_stage1", "rapd_stage2")  # one command: stage 1, statistics, stage 2
-    c.total_steps = 1500  # stage 2 (stage 1: 6000, see rapd_stage1.total_steps)
+    c.total_steps = 1500  # stage 2 (stage 1: 4500, see rapd_stage1.total_steps)
     c.checkpoint_every = 500
     c.log_every = 50
     c.ema_decay = 0.999

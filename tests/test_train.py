@@ -297,9 +297,9 @@ def test_stage_steps_follow_the_stage_config():
   spec.loader.exec_module(rapd)
   c = rapd.get_config("demo")
   c.total_steps = 40
-  assert train.stage_steps(c, "rapd_stage1") == 160  # the demo: 4x steps, 1/4 batch
+  assert train.stage_steps(c, "rapd_stage1") == 120  # the demo: 3x steps
   assert train.stage_steps(c, "rapd_stage2") == 40
-  assert c.rapd_stage1.optim.decay_steps == 160  # the cosine ends with the stage
+  assert c.rapd_stage1.optim.decay_steps == 120  # the cosine ends with the stage
   c.rapd_stage1.total_steps = 7
   assert train.stage_steps(c, "rapd_stage1") == 7 and c.rapd_stage1.optim.decay_steps == 7
   assert train.stage_steps(rapd.get_config(""), "rapd_stage1") == 10_000

@@ -17,7 +17,7 @@ STAGE1_ONLY = ["--config.stages=('rapd_stage1',)", *STAGE1]
 
 
 def steps(n: int) -> list[str]:
-  """n steps for every stage (the demo's stage 1 otherwise runs 4 * total_steps)."""
+  """n steps for every stage (the demo's stage 1 otherwise runs 3 * total_steps)."""
   return [f"--config.total_steps={n}", f"--config.rapd_stage1.total_steps={n}"]
 
 
