@@ -68,7 +68,7 @@ class Generator:
     from infdiff import utils
 
     utils.enable_compilation_cache(config.get("compilation_cache_dir", ""))
-    from infdiff.methods.rapd_stage2 import Method
+    from infdiff.methods.rapd.stage2 import Method
 
     config.rapd_stage2.repa.weight = 0.0  # the teacher is training-only
     method = Method(config, "rapd_stage2", stage_dir)

@@ -211,28 +211,29 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
+  # Data first: a bad source fails here, before anything compiles and before the
+  # checkpoint manager starts its background threads.
+  transform = method.data_transform("train")
+  data_iter = _make_loader(config, config[stage], transform, "train", config.seed)
   mngr = ckpt_lib.manager(
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, save_every=1
   )
   try:
-    return _train_stage(config, stage, workdir, method, mngr)
+    return _train_stage(config, stage, workdir, method, mngr, data_iter)
   finally:
     # Also on errors: an open manager's background threads would fail at interpreter exit.
     mngr.close()
 
 
-def _train_stage(config, stage, workdir, method, mngr):
-  """The body of `train_stage` once the checkpoint manager exists."""
+def _train_stage(config, stage, workdir, method, mngr, data_iter):
+  """The body of `train_stage` once the data iterator and checkpoint manager exist."""
   latest = mngr.latest_step()
   total = stage_steps(config, stage)
   if latest is not None and latest >= total:
     logging.info("[%s] already trained to step %d; skipping.", stage, latest)
     return None
 
-  # Data first: a bad source fails here, before anything compiles.
   cfg = config[stage]
-  transform = method.data_transform("train")
-  data_iter = _make_loader(config, cfg, transform, "train", config.seed)
   start_data_state = data_iter.get_state()
   first = next(data_iter)  # only for shapes; the stream is rewound below
   host_first = {k: v for k, v in first.items() if np.asarray(v).dtype.kind not in "OUS"}

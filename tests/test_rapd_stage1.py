@@ -13,7 +13,7 @@ import pytest
 
 from infdiff import fields
 from infdiff.losses import distill
-from infdiff.methods.rapd_stage1 import Method, _get, _set
+from infdiff.methods.rapd.stage1 import Method, _get, _set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -123,7 +123,7 @@ def test_stage2_with_qwen3_text_and_repa_through_the_ports(run_dir, tmp_path):
   import jax
   import ml_collections
 
-  from infdiff.methods.rapd_stage2 import Method
+  from infdiff.methods.rapd.stage2 import Method
   from infdiff.pretrained import testing
 
   qwen = testing.write_tiny_qwen3(str(tmp_path / "qwen3"))

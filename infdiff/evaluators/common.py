@@ -219,7 +219,7 @@ def stage1_dir(workdir: str) -> str:
       os.path.join(workdir, STAGE2, "config.json")
   ):
     return stage_dir(workdir, STAGE1)
-  from infdiff.methods import rapd_stage2
+  from infdiff.methods.rapd import stage2 as rapd_stage2
 
   s2 = os.path.join(workdir, STAGE2)
   return rapd_stage2.stage1_dir(_read_config(s2), s2)
@@ -392,7 +392,7 @@ class Stage1:
 
   @classmethod
   def from_workdir(cls, workdir: str, **kw) -> Stage1:
-    from infdiff.methods.rapd_stage1 import load_autoencoder
+    from infdiff.methods.rapd.stage1 import load_autoencoder
 
     model, params, _, cfg = load_autoencoder(stage1_dir(workdir))
     return cls(model, cfg, params, **kw)

@@ -1,19 +1,29 @@
-"""Training methods: one module per method or stage, each exposing `Method`.
+"""Training methods: one package per method, one module per stage, each exposing `Method`.
 
-A run names its stages in `config.stages`; the trainer imports
-`infdiff.methods.<name>` and instantiates its `Method` (big_vision-style registry by
-module name, so adding a method never touches the trainer).
+A run names its stages in `config.stages` (flat config keys such as `rapd_stage1`);
+`STAGES` maps a stage name to the module that implements it, so adding a method adds
+its package and one line here and never touches the trainer, the sampler or the
+evaluators (big_vision-style registry by module name).
 """
+
+from __future__ import annotations
 
 import importlib
 
+# Stage name (the config key and the stage's directory under a run) -> module.
+STAGES = {
+    "rapd_stage1": "infdiff.methods.rapd.stage1",
+    "rapd_stage2": "infdiff.methods.rapd.stage2",
+}
+
+
+def stage_module(name: str):
+  """The module implementing stage `name`; a one-line ValueError if unknown."""
+  if name not in STAGES:
+    raise ValueError(f"unknown method/stage {name!r}; known: {', '.join(sorted(STAGES))}")
+  return importlib.import_module(STAGES[name])
+
 
 def get_method_class(name: str):
-  """The `Method` class of `infdiff.methods.<name>`; a one-line error if unknown."""
-  try:
-    module = importlib.import_module(f"infdiff.methods.{name}")
-  except ModuleNotFoundError as e:
-    if e.name != f"infdiff.methods.{name}":
-      raise
-    raise ValueError(f"unknown method/stage {name!r}: no module infdiff.methods.{name}") from None
-  return module.Method
+  """The `Method` class of stage `name`."""
+  return stage_module(name).Method

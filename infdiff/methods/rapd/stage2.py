@@ -19,7 +19,7 @@ from infdiff.data import pipeline as data_pipeline
 from infdiff.data import transforms
 from infdiff.diffusion import flow
 from infdiff.methods.base import Method as BaseMethod
-from infdiff.methods.rapd_stage1 import load_autoencoder
+from infdiff.methods.rapd.stage1 import load_autoencoder
 from infdiff.models.dit import DiT
 from infdiff.models.text import WordVocab, build_text_encoder
 
