@@ -3,7 +3,7 @@
 At output sides 1x, 2x, 4x and 8x the demo latent side (32 -> 32, 64, 128, 256), with
 freshly initialised demo models (timing does not depend on trained values):
 
-  (a) denoise time of `sampling.Generator.latents` per output size. The latent grid is
+  (a) denoise time of the `Generator` contract's `latents` per output size. The latent grid is
       fixed, so it should not change: target ratio 8x / 1x <= 1.05.
   (b) render time per output pixel of `Generator.render` (tiled CQAR): target
       8x / 1x <= 1.2.
@@ -107,13 +107,11 @@ def main(argv=None, config=None) -> dict:
   factors = [int(f) for f in args.factors.split(",")]
   common.header("resolution scaling (infdiff latent denoise + tiled render vs pixel-space DiT)")
 
-  from infdiff import sampling
-
   with tempfile.TemporaryDirectory() as tmp:
     config, _, m2 = common.demo_runs(tmp, config, stage1_step=False)
     params = common.stage2_params(m2)
-    aux = m2.prepare(None)
-    gen = sampling.Generator(m2, params, aux, batch_size=args.batch)
+    aux = m2.prepare(None, training=False)
+    gen = m2.make_inference(params, aux, batch_size=args.batch)  # the Generator contract
     base = PixelBaseline(m2, params, aux, gen.num_steps, gen.shift, gen.cfg_scale)
     r = m2.latent_size
     prompts = [PROMPT] * args.batch
@@ -132,7 +130,7 @@ def main(argv=None, config=None) -> dict:
 
   print(
       f"batch {args.batch}, {gen.num_steps} Euler steps with CFG, latent {r}x{r}, render tile "
-      f"{gen.tile}; baseline = pixel-space DiT p{config.rapd_stage2.dit.patch} "
+      f"{gen.autoencoder.tile}; baseline = pixel-space DiT p{config.rapd_stage2.dit.patch} "
       f"w{config.rapd_stage2.dit.width} d{config.rapd_stage2.dit.depth}"
   )
   print(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import traceback
 
 from absl import flags
 
 from infdiff.checkpoint import CheckpointError
+from infdiff.render import OutOfMemory
 
 # Errors caused by the user's input (config, data, paths, numerics): reported on one
 # line. Anything else is a bug and keeps its traceback.
@@ -20,7 +22,28 @@ USER_ERRORS = (
     CheckpointError,
     FloatingPointError,
     KeyError,
+    OutOfMemory,
 )
+
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_size(text: str, min_side: int = 1, max_side: int = 1 << 15) -> tuple[int, int]:
+  """'WxH' -> (W, H); a one-line ValueError for anything else or out of range."""
+  m = _SIZE.match(str(text).strip())
+  if not m:
+    raise ValueError(f"bad --size {text!r}: expected WxH with positive integers, e.g. 512x256")
+  w, h = int(m.group(1)), int(m.group(2))
+  if min(w, h) < min_side or max(w, h) > max_side:
+    raise ValueError(f"bad --size {text!r}: sides must lie in [{min_side}, {max_side}]")
+  return w, h
+
+
+def peak_rss_gib() -> float:
+  """Peak resident memory of this process so far, GiB (Linux ru_maxrss is in KiB)."""
+  import resource
+
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 
 
 def _one_line(e: BaseException) -> str:

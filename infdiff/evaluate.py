@@ -3,10 +3,11 @@
 python -m infdiff.evaluate --workdir=W --metric=NAME [--size=WxH ...] [--data=SOURCE] \
     [--num=N] [--seed=S] [--inception=PATH] [--clip=PATH] [--lpips=PATH]
 
-Metrics (protocols in each module's docstring under infdiff/evaluators/):
-  recon              stage-1 PSNR/SSIM (+ LPIPS with --lpips) at 1x, 2x, 4x vs bicubic
-  scale_consistency  stage-1 render at k x box-filtered vs render at 1x (k = 2, 4)
-  shapes_eval        GenEval-style accuracy of stage-2 samples on held-out shapes prompts
+Metrics (protocols in each module's docstring under infdiff/evaluators/), on any run
+whose stages provide the contract a metric needs (infdiff.methods.base):
+  recon              autoencoder PSNR/SSIM (+ LPIPS with --lpips) at 1x, 2x, 4x vs bicubic
+  scale_consistency  autoencoder render at k x box-filtered vs render at 1x (k = 2, 4)
+  shapes_eval        GenEval-style accuracy of text-to-image samples on held-out prompts
   swd                multi-scale sliced Wasserstein distance, generated vs held-out
   fid / pfid         Frechet Inception distance of whole images / P x P crops (--inception)
   fid_clip           Frechet distance of CLIP image embeddings (--clip)
@@ -17,7 +18,6 @@ Writes W/eval/<metric>.json. Misuse exits with status 2 and one line on stderr.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -26,7 +26,9 @@ from absl import app, flags
 from infdiff import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory (holds rapd_stage1/ and/or rapd_stage2/).")
+flags.DEFINE_string(
+    "workdir", None, "Run directory (one subdirectory per stage) or a stage directory."
+)
 flags.DEFINE_string("metric", None, "Metric to compute; see the module docstring.")
 flags.DEFINE_multi_string("size", [], "Output size WxH; repeat for several (metric default).")
 flags.DEFINE_string("data", None, "Data source string (default: the run's config.data.source).")
@@ -40,24 +42,7 @@ flags.DEFINE_integer("crops_per_image", 4, "pfid: random crops per image.")
 flags.DEFINE_integer("tile", 128, "Render tile side (static shape; bounds render memory).")
 flags.mark_flags_as_required(["workdir", "metric"])
 
-# Metric name -> evaluator module under infdiff.evaluators (importlib, no if/elif chain).
-METRICS = {
-    "recon": "recon",
-    "scale_consistency": "scale_consistency",
-    "shapes_eval": "shapes_eval",
-    "swd": "swd",
-    "fid": "fid",
-    "pfid": "fid",
-    "fid_clip": "fid",
-}
 MAX_SIDE = 16384  # largest side accepted by --size
-
-
-def evaluator_module(metric: str):
-  """The evaluator module of a metric name (one-line ValueError for an unknown one)."""
-  if metric not in METRICS:
-    raise ValueError(f"unknown --metric {metric!r}; known: {', '.join(METRICS)}")
-  return importlib.import_module(f"infdiff.evaluators.{METRICS[metric]}")
 
 
 def make_args(
@@ -76,17 +61,11 @@ def make_args(
     tile=128,
 ):
   """Validated `EvalArgs` (everything that can be checked before loading a model)."""
-  from infdiff.evaluators import common, fid
+  from infdiff import cli as cli_lib
+  from infdiff.evaluators import common, metric_module
 
-  module = evaluator_module(metric)
-  parsed = [common.parse_size(s, 1, MAX_SIDE) for s in sizes]
-  if parsed and not getattr(module, "USES_SIZES", True):
-    raise ValueError(f"--size does not apply to {metric}: it renders at 1x, 2x, 4x of the latent")
-  if metric == "pfid" and any(patch > min(wh) for wh in parsed):
-    raise ValueError(f"--patch={patch} is larger than a requested --size")
-  if metric == "swd":
-    for w, h in parsed:
-      module.check_size(w, h)
+  module = metric_module(metric)
+  parsed = [cli_lib.parse_size(s, 1, MAX_SIDE) for s in sizes]
   if num is not None and num <= 0:
     raise ValueError(f"--num must be positive, got {num}")
   if patch <= 0 or crops_per_image <= 0 or tile <= 0:
@@ -105,8 +84,8 @@ def make_args(
       crops_per_image=crops_per_image,
       tile=tile,
   )
-  if metric in fid.NETWORKS:
-    fid.require_weights(metric, args)
+  if hasattr(module, "validate"):
+    module.validate(args)  # each metric checks its own arguments
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"no run directory {workdir}")
   return args
@@ -114,12 +93,13 @@ def make_args(
 
 def run(args) -> tuple[object, str]:
   """Library form of the CLI: computes the metric, writes its JSON. Returns (result, path)."""
-  from infdiff.evaluators import common
+  from infdiff import runs
+  from infdiff.evaluators import common, metric_module
 
-  result = evaluator_module(args.metric).cli(args)
+  result = metric_module(args.metric).cli(args)
   data = args.data or str(common.run_data_config(args.workdir).source)
   result.meta = {"workdir": os.path.abspath(args.workdir), "data": data, **result.meta}
-  path = common.write_result(common.run_root(args.workdir), result)
+  path = common.write_result(runs.run_root(args.workdir), result)
   return result, path
 
 
@@ -146,7 +126,7 @@ def main(argv):
     )
     result, path = run(args)
   print(result.table())
-  print(f"wrote {path}")
+  print(f"wrote {path} (peak RSS {cli.peak_rss_gib():.2f} GiB)")
   return 0
 
 

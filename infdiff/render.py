@@ -30,6 +30,7 @@ same (hashable) object across calls to avoid recompiles.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -251,3 +252,81 @@ def render_image(
   while pending:
     stitch(*pending.popleft())
   return out
+
+
+def render_latents(
+    apply_fn: ApplyFn,
+    params,
+    latents,
+    out_h: int,
+    out_w: int,
+    *,
+    batch: int,
+    tile: int = 256,
+    out: np.ndarray | None = None,
+    clip: bool = False,
+) -> np.ndarray:
+  """Renders any number of latents at out_h x out_w with bounded memory.
+
+  Latents go through `render_image` `batch` at a time (the last chunk padded by repeating
+  its last latent, so every call has one static shape and compiles once), and each chunk
+  is written straight into the preallocated output. Device memory is bounded by one
+  chunk's tiles, whatever the number of latents; host memory by the output itself.
+
+  Args:
+    apply_fn: renderer apply function (e.g. `RendererFn(module)`).
+    params: renderer variables.
+    latents: [N, h, w, C] (numpy or jax).
+    out_h: output height.
+    out_w: output width.
+    batch: latents per compiled call.
+    tile: render tile side (see `render_image`).
+    out: optional preallocated [N, out_h, out_w, 3] float32 or uint8 array.
+    clip: clip float outputs to [0, 1] in place.
+
+  Returns:
+    [N, out_h, out_w, 3] numpy array (`out` when given).
+  """
+  n = len(latents)
+  if out is None:
+    out = np.empty((n, out_h, out_w, 3), np.float32)  # [N, H, W, 3]
+  elif out.shape != (n, out_h, out_w, 3):
+    raise ValueError(f"out has shape {out.shape}, expected {(n, out_h, out_w, 3)}")
+  batch = max(1, min(int(batch), n))
+  for s in range(0, n, batch):
+    chunk = np.asarray(latents[s : s + batch])
+    k = len(chunk)
+    if k < batch:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - k, axis=0)])
+    if k == batch:
+      render_image(
+          apply_fn, params, jnp.asarray(chunk), out_h, out_w, tile=tile, out=out[s : s + k]
+      )
+    else:
+      img = render_image(apply_fn, params, jnp.asarray(chunk), out_h, out_w, tile=tile)
+      out[s : s + k] = img[:k] if out.dtype != np.uint8 else np.clip(img[:k], 0, 1) * 255 + 0.5
+  if clip and out.dtype != np.uint8:
+    np.clip(out, 0.0, 1.0, out=out)
+  return out
+
+
+class OutOfMemory(RuntimeError):
+  """Rendering or sampling ran out of memory; the message names the setting to lower."""
+
+
+@contextlib.contextmanager
+def memory_hint(what: str, lower: str):
+  """Turns an out-of-memory error inside the block into one line naming what to lower.
+
+  Args:
+    what: what ran, e.g. 'rendering 64 latents at 4096x4096'.
+    lower: the settings to lower, e.g. '--tile or --num'.
+  """
+  try:
+    yield
+  except (MemoryError, jax.errors.JaxRuntimeError) as e:
+    text = str(e)
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "out of memory" in text:
+      first = text.strip().splitlines()[0][:160] if text.strip() else type(e).__name__
+      raise OutOfMemory(f"{what} ran out of memory ({first}); lower {lower}") from None
+    raise

@@ -1,4 +1,7 @@
-"""Sample CLI: one denoised latent per image, rendered at every requested size.
+"""Sample CLI: images from any run with a `Generator` stage, at every requested size.
+
+Latent methods (RaPD) denoise one latent per image and render it at every size; pixel
+methods sample at each size directly. Prompts apply to text-conditioned generators only.
 
 python -m infdiff.sample --workdir=W --prompt="a red circle" --size=256x256 \
     --size=1024x512 --num=4 --seed=0 --out=DIR
@@ -10,7 +13,6 @@ An empty prompt samples unconditionally.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 from absl import app, flags, logging
@@ -18,46 +20,35 @@ from absl import app, flags, logging
 from infdiff import cli, utils
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory of a finished stage-2 run.")
+flags.DEFINE_string("workdir", None, "Run directory with a generator stage (e.g. rapd_stage2).")
 flags.DEFINE_multi_string("prompt", [""], "Prompt; repeat for several. '' = unconditional.")
 flags.DEFINE_multi_string("size", ["256x256"], "Output size WxH; repeat for several.")
 flags.DEFINE_integer("num", 1, "Images per prompt.")
 flags.DEFINE_integer("seed", 0, "Noise seed; the same seed gives identical files.")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples).")
 flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the run's config).")
-flags.DEFINE_integer("steps", None, "Euler steps (default: the run's config).")
+flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's config).")
 flags.mark_flags_as_required(["workdir"])
 
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
-
-def parse_size(text: str, max_size: int) -> tuple[int, int]:
-  """'WxH' -> (W, H); a one-line ValueError for anything else or out of range."""
-  m = _SIZE.match(text.strip())
-  if not m:
-    raise ValueError(f"bad --size {text!r}: expected WxH with positive integers, e.g. 512x256")
-  w, h = int(m.group(1)), int(m.group(2))
-  if w <= 0 or h <= 0:
-    raise ValueError(f"bad --size {text!r}: width and height must be positive")
-  if w > max_size or h > max_size:
-    raise ValueError(f"bad --size {text!r}: larger than the configured maximum {max_size}")
-  return w, h
-
-
-def run(workdir, prompts, sizes, num, seed, out, cfg_scale=None, steps=None) -> list[str]:
+def run(
+    workdir, prompts, sizes, num, seed, out, cfg_scale=None, steps=None, step=None
+) -> list[str]:
   """Library form of the CLI; returns the written paths."""
-  from infdiff import sampling
+  from infdiff import runs, sampling
 
-  gen = sampling.Generator.from_workdir(workdir, num_steps=steps, cfg_scale=cfg_scale)
-  max_size = int(gen.method.cfg.sample.max_size)
-  parsed = [parse_size(s, max_size) for s in sizes]
   if num <= 0:
     raise ValueError(f"--num must be positive, got {num}")
-  out = out or os.path.join(workdir, "samples")
-  z = gen.latents(prompts, seed=seed, num_per_prompt=num)
+  # Sampling options go to the method only when given (an unconditional method takes no
+  # cfg_scale, and says so in one line).
+  options = {k: v for k, v in (("cfg_scale", cfg_scale), ("num_steps", steps)) if v is not None}
+  gen = runs.load_generator(workdir, "sampling", step=step, **options)
+  parsed = [cli.parse_size(s, 1, gen.max_size) for s in sizes]
+  prompts = gen.check_conditions(prompts)
+  out = out or os.path.join(runs.run_root(workdir), "samples")
   paths = []
-  for w, h in parsed:
-    images = gen.render(z, h, w)
+  # One size at a time: a latent generator denoises once and renders each size in turn.
+  for (w, h), images in gen.iter_sample(prompts, num, seed, parsed):
     for i, img in enumerate(images):
       path = os.path.join(out, f"{i:03d}_{w}x{h}.png")
       sampling.save_png(path, img)
@@ -73,7 +64,7 @@ def main(argv):
   with cli.one_line_errors():
     # Check sizes before loading anything, so a typo fails at once.
     for s in FLAGS.size:
-      parse_size(s, 1 << 30)
+      cli.parse_size(s, 1, 1 << 30)
     paths = run(
         FLAGS.workdir,
         FLAGS.prompt,

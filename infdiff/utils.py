@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging as pylogging
 import os
 import time
@@ -144,11 +143,11 @@ def make_evaluators(config, stage: str) -> list:
     if ecfg.get("stage", stage) != stage or not ecfg.get("every"):
       continue
     metric = ecfg.get("metric", name)
-    # pfid and fid_clip live in the fid module, which reads the variant from `metric`.
-    module_name = {"pfid": "fid", "fid_clip": "fid"}.get(metric, metric)
+    from infdiff.evaluators import metric_module
+
     try:
-      module = importlib.import_module(f"infdiff.evaluators.{module_name}")
-    except ModuleNotFoundError:
-      raise ValueError(f"evals.{name}: unknown metric {metric!r}") from None
+      module = metric_module(metric)
+    except ValueError as e:
+      raise ValueError(f"evals.{name}: {e}") from None
     out.append(module.Evaluator(ecfg))
   return out

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from test_stage2 import TINY
 
+from infdiff.methods import base
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A config file that adds periodic evaluators to the demo preset (the locked config does
@@ -149,15 +151,17 @@ def test_fid_family_cli_and_cache(run_dir, inception, tmp_path):
   assert (run_dir / "eval" / "ref_fid_clip_shapes_32x32.npz").exists()
 
 
-class _RealImages:
+class _RealImages(base.LatentGenerator):
   """A generator stand-in whose 'samples' are the held-out images themselves."""
+
+  conditional = True
 
   def __init__(self, source):
     self.source = source
 
-  def latents(self, prompts, seed=0):
+  def latents(self, conditions, num=1, seed=0):
     del seed
-    return np.arange(len(prompts))
+    return np.arange(len(conditions) * num)
 
   def render(self, z, h, w):
     from infdiff.evaluators import common
@@ -173,7 +177,9 @@ def test_fid_of_a_set_against_itself_is_zero(run_dir, inception, tmp_path, metri
   net = fid.FeatureNet(metric, inception)
   kw = dict(num=6, sizes=[(32, 32)], patch=16, crops=2, cache_dir=str(tmp_path))
   same = fid.evaluate(metric, _RealImages(source), source, net, **kw).rows[metric]["32x32"]
-  gen = common.generator_from_workdir(str(run_dir))
+  from infdiff import runs
+
+  gen = runs.load_generator(str(run_dir))
   other = fid.evaluate(metric, gen, source, net, **kw).rows[metric]["32x32"]
   assert abs(same) < 1e-4 * other
   assert other > 0
@@ -189,7 +195,7 @@ def _one_line_error(proc):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--metric=psnr"], "unknown --metric"),
+        (["--metric=psnr"], "unknown metric"),
         (["--metric=swd", "--size=64"], "size"),
         (["--metric=recon", "--size=64x64"], "--size"),
         (["--metric=swd", "--size=66x66"], "divisible"),

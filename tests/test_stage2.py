@@ -100,9 +100,9 @@ def test_sample_cli_missing_checkpoint_exits_2(tmp_path):
 
 
 def test_denoiser_cost_does_not_depend_on_output_size(run_dir):
-  from infdiff import sampling
+  from infdiff import runs
 
-  gen = sampling.Generator.from_workdir(str(run_dir))
+  gen = runs.load_generator(str(run_dir))
   gen.instrument = True
   counts = []
   for size in (64, 512):

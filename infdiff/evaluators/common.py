@@ -13,26 +13,22 @@ import dataclasses
 import json
 import math
 import os
-import re
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from infdiff import checkpoint as ckpt_lib
-from infdiff import render as render_lib
+from infdiff import cli as cli_lib
+from infdiff import runs
 from infdiff.data import pipeline as data_pipeline
 from infdiff.data import sources as sources_lib
 from infdiff.evaluators import metrics
 from infdiff.fields import area_downsample
+from infdiff.methods import base
 
-STAGE1 = "rapd_stage1"
-STAGE2 = "rapd_stage2"
 DEFAULT_TILE = 128  # render tile side: static shape, so any output size compiles once
-DEFAULT_BATCH = 8  # images per compiled encode/render/feature call (last batch padded)
+DEFAULT_BATCH = 8  # images per compiled feature call (last batch padded)
 
 # Held-out split candidates per source scheme, tried in order. File sources hold out a
 # hash split ('eval'); a folder too small to hold any image out (the 9 built-in photos at
@@ -45,7 +41,7 @@ _FILE_HELD_OUT = ("eval", "all")
 class EvalArgs:
   """What the evaluate CLI passes to a metric's `cli` (flags, already validated)."""
 
-  workdir: str  # run directory (holds rapd_stage1/ and/or rapd_stage2/)
+  workdir: str  # run directory (one subdirectory per trained stage) or a stage directory
   metric: str  # metric name as given on the command line
   sizes: list[tuple[int, int]]  # output sizes (W, H); [] = the metric's default
   data: str | None = None  # data source string (None: the run's config.data.source)
@@ -163,80 +159,18 @@ class PeriodicEvaluator:
 
 
 # ---------------------------------------------------------------------------------------
-# Sizes.
+# Sizes and run directories.
 
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-def parse_size(text: str, min_side: int = 1, max_side: int = 1 << 15) -> tuple[int, int]:
-  """'WxH' -> (W, H); a one-line ValueError for anything else or out of range."""
-  m = _SIZE.match(text.strip())
-  if not m:
-    raise ValueError(f"bad --size {text!r}: expected WxH with positive integers, e.g. 256x256")
-  w, h = int(m.group(1)), int(m.group(2))
-  if min(w, h) < min_side or max(w, h) > max_side:
-    raise ValueError(f"bad --size {text!r}: sides must lie in [{min_side}, {max_side}]")
-  return w, h
+parse_size = cli_lib.parse_size
 
 
 def size_name(wh: tuple[int, int]) -> str:
   return f"{wh[0]}x{wh[1]}"
 
 
-# ---------------------------------------------------------------------------------------
-# Run directories and configs.
-
-
-def _read_config(stage_dir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(stage_dir, "config.json")
-  if not os.path.exists(path):
-    raise ckpt_lib.CheckpointError(f"no run at {stage_dir} (config.json missing)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def stage_dir(workdir: str, stage: str) -> str:
-  """`workdir/<stage>` of a run directory (also accepts the stage directory itself)."""
-  if os.path.basename(os.path.normpath(workdir)) == stage:
-    return workdir
-  path = os.path.join(workdir, stage)
-  if not os.path.isfile(os.path.join(path, "config.json")):
-    raise ckpt_lib.CheckpointError(
-        f"no {stage} run in {workdir} (missing {stage}/config.json); train that stage first"
-    )
-  return path
-
-
-def run_root(workdir: str) -> str:
-  """The run directory (where eval/ goes), given it or one of its stage directories."""
-  base = os.path.basename(os.path.normpath(workdir))
-  return os.path.dirname(os.path.normpath(workdir)) if base in (STAGE1, STAGE2) else workdir
-
-
-def stage1_dir(workdir: str) -> str:
-  """The stage-1 directory of a run: W/rapd_stage1, else the one its stage 2 points at."""
-  if os.path.isfile(os.path.join(workdir, STAGE1, "config.json")) or not os.path.isfile(
-      os.path.join(workdir, STAGE2, "config.json")
-  ):
-    return stage_dir(workdir, STAGE1)
-  from infdiff.methods.rapd import stage2 as rapd_stage2
-
-  s2 = os.path.join(workdir, STAGE2)
-  return rapd_stage2.stage1_dir(_read_config(s2), s2)
-
-
 def run_data_config(workdir: str, source: str | None = None) -> ml_collections.ConfigDict:
-  """The run's data config (from either stage's config.json), with `source` overriding."""
-  for stage in (STAGE2, STAGE1):
-    path = os.path.join(run_root(workdir), stage)
-    if os.path.isfile(os.path.join(path, "config.json")):
-      data = _read_config(path).data
-      break
-  else:
-    raise ckpt_lib.CheckpointError(
-        f"no run in {workdir} (neither {STAGE1}/config.json nor {STAGE2}/config.json)"
-    )
-  return with_source(data, source)
+  """The run's data config (its config.json), with `source` overriding."""
+  return with_source(runs.run_config(workdir).data, source)
 
 
 def with_source(data_cfg, source: str | None) -> ml_collections.ConfigDict:
@@ -360,91 +294,39 @@ def num_images(source, num: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Stage 1: encode and render with static shapes.
+# The inference contracts, from a run directory or from the training context.
 
 
-def _pad_batch(x: np.ndarray, b: int) -> np.ndarray:
-  if len(x) == b:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], b - len(x), axis=0)])
+def autoencoder_from_ctx(ctx) -> base.FieldAutoencoder:
+  """The training stage's `FieldAutoencoder` with the current EMA (else raw) params.
 
-
-class Stage1:
-  """A stage-1 autoencoder for evaluation: `encode` and tiled `render` in fixed batches.
-
-  Jitted functions are built once per instance; the parameters are call arguments, so a
-  training-time evaluator reuses its compiled code as the parameters change.
+  Built once per stage (the method caches it), so its compiled code is reused.
   """
-
-  def __init__(
-      self, model, s1_cfg, params, *, tile: int = DEFAULT_TILE, batch: int = DEFAULT_BATCH
-  ):
-    from infdiff.sampling import renderer_of
-
-    self.model = model
-    self.cfg = s1_cfg
-    self.params = params  # the autoencoder's params: {'enc': ..., 'dec': ...}
-    self.enc_size = int(s1_cfg.enc_size)
-    self.tile = tile
-    self.batch = batch
-    self.renderer = render_lib.RendererFn(renderer_of(s1_cfg))
-    self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
-
-  @classmethod
-  def from_workdir(cls, workdir: str, **kw) -> Stage1:
-    from infdiff.methods.rapd.stage1 import load_autoencoder
-
-    model, params, _, cfg = load_autoencoder(stage1_dir(workdir))
-    return cls(model, cfg, params, **kw)
-
-  def encode(self, images: np.ndarray) -> np.ndarray:
-    """[N, r, r, 3] in [0, 1] -> latents [N, r, r, C]."""
-    out = []
-    for s in range(0, len(images), self.batch):
-      chunk = images[s : s + self.batch]
-      z = self._encode(self.params, jnp.asarray(_pad_batch(chunk, self.batch)))
-      out.append(np.asarray(jax.device_get(z))[: len(chunk)])
-    return np.concatenate(out)
-
-  def render(self, latents: np.ndarray, h: int, w: int) -> np.ndarray:
-    """[N, r, r, C] -> [N, h, w, 3] (tiled; not clipped)."""
-    out = []
-    variables = {"params": self.params["dec"]}
-    for s in range(0, len(latents), self.batch):
-      chunk = latents[s : s + self.batch]
-      img = render_lib.render_image(
-          self.renderer, variables, jnp.asarray(_pad_batch(chunk, self.batch)), h, w, tile=self.tile
-      )
-      out.append(img[: len(chunk)])
-    return np.concatenate(out)
+  _require(ctx.method, base.AUTOENCODER)
+  return ctx.method.inference(ctx.state.ema or ctx.state.params, ctx.aux)
 
 
-def stage1_from_ctx(ctx, cache: dict, **kw) -> Stage1:
-  """The training stage-1 model with the current EMA (else raw) params, compiled once."""
-  params = (ctx.state.ema or ctx.state.params)["model"]
-  params = {k: v for k, v in params.items() if k != "proj"}  # training-only branch
-  s1 = cache.get("stage1")
-  if s1 is None:
-    s1 = cache["stage1"] = Stage1(ctx.method.model, ctx.method.cfg, params, **kw)
-  s1.params = params
-  return s1
+def generator_from_ctx(ctx) -> base.Generator:
+  """The training stage's `Generator` with the current EMA (else raw) params."""
+  _require(ctx.method, base.GENERATOR)
+  return ctx.method.inference(ctx.state.ema or ctx.state.params, ctx.aux)
 
 
-def generator_from_ctx(ctx):
-  """The stage-2 method's sampling.Generator with the current EMA (else raw) params."""
-  return ctx.method.generator(ctx.state.ema or ctx.state.params, ctx.aux)
+def _require(method, kind: str) -> None:
+  if kind not in method.provides:
+    raise ValueError(f"evaluator needs a {kind} stage; {method.stage} provides none")
 
 
-def generator_from_workdir(workdir: str):
-  from infdiff import sampling
+def generate(
+    gen: base.Generator, prompts: list[str], sizes, seed: int
+) -> dict[tuple[int, int], np.ndarray]:
+  """One sample per prompt, at every (W, H). Returns {(W, H): [N, H, W, 3]}.
 
-  return sampling.Generator.from_workdir(stage_dir(run_root(workdir), STAGE2))
-
-
-def generate(gen, prompts: list[str], sizes, seed: int) -> dict[tuple[int, int], np.ndarray]:
-  """One latent per prompt, rendered at every (W, H). Returns {(W, H): [N, H, W, 3]}."""
-  z = gen.latents(prompts, seed=seed)
-  return {(w, h): gen.render(z, h, w) for w, h in sizes}
+  Unconditional generators get empty prompts (their held-out captions are ignored).
+  """
+  if not gen.conditional:
+    prompts = [""] * len(prompts)
+  return gen.sample(prompts, 1, seed, sizes)
 
 
 def ecfg_get(ecfg, name: str, default):

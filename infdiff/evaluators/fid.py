@@ -29,7 +29,9 @@ import numpy as np
 import scipy.linalg
 from absl import logging
 
+from infdiff import runs
 from infdiff.evaluators import common, metrics
+from infdiff.methods import base
 
 # metric -> (pretrained kind, output key, EvalArgs field holding the checkpoint path)
 NETWORKS = {
@@ -129,8 +131,7 @@ def evaluate(
 
   Args:
     metric: 'fid', 'pfid' or 'fid_clip'.
-    gen: a `sampling.Generator` (or anything with `latents(prompts, seed)` and
-      `render(z, h, w)`).
+    gen: a `Generator` (infdiff.methods.base).
     source: held-out data source (prompts and real images).
     net: the metric's `FeatureNet`.
     num: images per set.
@@ -196,13 +197,23 @@ def require_weights(metric: str, args: common.EvalArgs) -> str:
   return path
 
 
+NEEDS = base.GENERATOR
+
+
+def validate(args: common.EvalArgs) -> None:
+  """Weights given, and the pFID patch fits every size."""
+  require_weights(args.metric, args)
+  if args.metric == "pfid" and any(args.patch > min(wh) for wh in args.sizes):
+    raise ValueError(f"--patch={args.patch} is larger than a requested --size")
+
+
 def cli(args: common.EvalArgs) -> common.Result:
-  """`python -m infdiff.evaluate --metric={fid,pfid,fid_clip}`: needs a stage-2 run."""
+  """`python -m infdiff.evaluate --metric={fid,pfid,fid_clip}`: needs a Generator run."""
   metric = args.metric
   path = require_weights(metric, args)
   data_cfg = common.run_data_config(args.workdir, args.data)
   source = common.held_out_source(data_cfg)
-  gen = common.generator_from_workdir(args.workdir)
+  gen = runs.load_generator(args.workdir, f"--metric={metric}")
   net = FeatureNet(metric, path)
   return evaluate(
       metric,
@@ -214,7 +225,7 @@ def cli(args: common.EvalArgs) -> common.Result:
       sizes=args.sizes or DEFAULT_SIZES,
       patch=args.patch,
       crops=args.crops_per_image,
-      cache_dir=os.path.join(common.run_root(args.workdir), "eval"),
+      cache_dir=os.path.join(runs.run_root(args.workdir), "eval"),
       source_name=str(data_cfg.source),
   )
 
@@ -253,6 +264,6 @@ class Evaluator(common.PeriodicEvaluator):
         sizes=self.sizes,
         patch=self.patch,
         crops=self.crops,
-        cache_dir=os.path.join(common.run_root(ctx.workdir), "eval"),
+        cache_dir=os.path.join(runs.run_root(ctx.workdir), "eval"),
         source_name=str(ctx.config.data.source),
     )

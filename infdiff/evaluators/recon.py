@@ -20,12 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infdiff import runs
 from infdiff.evaluators import common, metrics
 from infdiff.fields import area_downsample
+from infdiff.methods import base
 
 SCALES = (1, 2, 4)
-USES_SIZES = False  # output sizes follow from the encoder size; --size is refused
+NEEDS = base.AUTOENCODER
 DEFAULT_NUM = 16
+
+
+def validate(args: common.EvalArgs) -> None:
+  if args.sizes:
+    raise ValueError(
+        f"--size does not apply to {args.metric}: it renders at 1x, 2x, 4x of the encoder input"
+    )
 
 
 def _lpips_fn(path: str | None):
@@ -62,30 +71,32 @@ def crops(source, num: int, side: int, seed: int) -> np.ndarray:
 
 
 def evaluate(
-    stage1: common.Stage1,
+    ae: base.FieldAutoencoder,
     source,
     *,
     num: int = DEFAULT_NUM,
     seed: int = 0,
     scales=SCALES,
     lpips=None,
+    tile: int | None = None,
 ) -> common.Result:
   """The reconstruction table of one stage-1 model on held-out images (module docstring).
 
   Args:
-    stage1: the autoencoder (`common.Stage1`).
+    ae: the autoencoder.
     source: held-out data source.
     num: number of crops: shapes scenes (at most the source's size), or random crops
       cycling over the held-out files.
     seed: crop positions.
     scales: output scales k.
     lpips: optional `(a, b) -> [N]` LPIPS distances.
+    tile: render tile side (None: the autoencoder's default).
 
   Returns:
     Result with rows '<k>x' and columns model_psnr, model_ssim, bicubic_psnr,
     bicubic_ssim (+ model_lpips, bicubic_lpips).
   """
-  r = stage1.enc_size
+  r = square_input(ae)
   images = common.num_images(source, num)
   # Analytic scenes are whole images (one crop each); file images give num random crops.
   n = images if hasattr(source, "scene") else num
@@ -95,12 +106,12 @@ def evaluate(
     return np.stack([np.asarray(area_downsample(im, s, s)) for im in x])
 
   inputs = down(big, r)  # [N, r, r, 3]
-  z = stage1.encode(inputs)
+  z = ae.encode(inputs)
   rows = {}
   for k in scales:
     s = k * r
     gt = down(big, s)  # [N, kr, kr, 3]
-    model = np.clip(stage1.render(z, s, s), 0.0, 1.0)
+    model = np.clip(ae.render(z, s, s, tile=tile), 0.0, 1.0)
     bicubic = np.asarray(metrics.bicubic_upsample(inputs, s, s))
     row = {}
     for name, img in (("model", model), ("bicubic", bicubic)):
@@ -130,12 +141,22 @@ def evaluate(
   )
 
 
+def square_input(ae: base.FieldAutoencoder) -> int:
+  """The side r of an autoencoder with a square encoder input (the protocol's r)."""
+  h, w = ae.input_size
+  if h != w:
+    raise ValueError(f"the protocol needs a square encoder input, this one is {w}x{h}")
+  return int(h)
+
+
 def cli(args: common.EvalArgs) -> common.Result:
-  """`python -m infdiff.evaluate --metric=recon`: the run's stage 1 on held-out data."""
+  """`python -m infdiff.evaluate --metric=recon`: the run's autoencoder on held-out data."""
+  ae = runs.load_autoencoder(args.workdir, "--metric=recon")
   source = common.held_out_source(common.run_data_config(args.workdir, args.data))
   lpips = _lpips_fn(args.lpips)
-  stage1 = common.Stage1.from_workdir(args.workdir, tile=args.tile)
-  return evaluate(stage1, source, num=args.num or DEFAULT_NUM, seed=args.seed, lpips=lpips)
+  return evaluate(
+      ae, source, num=args.num or DEFAULT_NUM, seed=args.seed, lpips=lpips, tile=args.tile
+  )
 
 
 class Evaluator(common.PeriodicEvaluator):
@@ -144,9 +165,10 @@ class Evaluator(common.PeriodicEvaluator):
   def __init__(self, ecfg):
     super().__init__(ecfg)
     self._lpips = _lpips_fn(common.ecfg_get(ecfg, "lpips_path", ""))
-    self._cache: dict = {}
 
   def evaluate(self, ctx):
     tile = int(common.ecfg_get(self.ecfg, "tile", common.DEFAULT_TILE))
-    stage1 = common.stage1_from_ctx(ctx, self._cache, tile=tile)
-    return evaluate(stage1, self.source(ctx), num=self.num, seed=self.seed, lpips=self._lpips)
+    ae = common.autoencoder_from_ctx(ctx)
+    return evaluate(
+        ae, self.source(ctx), num=self.num, seed=self.seed, lpips=self._lpips, tile=tile
+    )

@@ -13,29 +13,38 @@ from __future__ import annotations
 
 import numpy as np
 
+from infdiff import runs
 from infdiff.evaluators import common, metrics, recon
 from infdiff.fields import area_downsample
+from infdiff.methods import base
 
 SCALES = (2, 4)
-USES_SIZES = False  # output sizes follow from the encoder size; --size is refused
+NEEDS = base.AUTOENCODER
 DEFAULT_NUM = 16
+validate = recon.validate  # --size is refused: sizes follow from the encoder input
 GOAL_DB = 35.0
 
 
 def evaluate(
-    stage1: common.Stage1, source, *, num: int = DEFAULT_NUM, seed: int = 0, scales=SCALES
+    ae: base.FieldAutoencoder,
+    source,
+    *,
+    num: int = DEFAULT_NUM,
+    seed: int = 0,
+    scales=SCALES,
+    tile: int | None = None,
 ):
-  """The scale-consistency table of one stage-1 model (module docstring)."""
-  r = stage1.enc_size
+  """The scale-consistency table of one autoencoder (module docstring)."""
+  r = recon.square_input(ae)
   n = common.num_images(source, num)
   big = recon.crops(source, n, 4 * r, seed)  # [N, 4r, 4r, 3]
   inputs = np.stack([np.asarray(area_downsample(im, r, r)) for im in big])  # [N, r, r, 3]
-  z = stage1.encode(inputs)
-  base = np.clip(stage1.render(z, r, r), 0.0, 1.0)  # [N, r, r, 3]
+  z = ae.encode(inputs)
+  one = np.clip(ae.render(z, r, r, tile=tile), 0.0, 1.0)  # [N, r, r, 3]
   rows = {}
   for k in scales:
-    img_k = np.clip(stage1.render(z, k * r, k * r), 0.0, 1.0)  # [N, kr, kr, 3]
-    p = np.asarray(metrics.scale_consistency_psnr(img_k, base))  # [N]
+    img_k = np.clip(ae.render(z, k * r, k * r, tile=tile), 0.0, 1.0)  # [N, kr, kr, 3]
+    p = np.asarray(metrics.scale_consistency_psnr(img_k, one))  # [N]
     rows[f"{k}x"] = {"psnr": float(np.mean(p)), "min_psnr": float(np.min(p))}
   return common.Result(
       "scale_consistency",
@@ -48,19 +57,15 @@ def evaluate(
 
 def cli(args: common.EvalArgs) -> common.Result:
   """`python -m infdiff.evaluate --metric=scale_consistency`."""
+  ae = runs.load_autoencoder(args.workdir, "--metric=scale_consistency")
   source = common.held_out_source(common.run_data_config(args.workdir, args.data))
-  stage1 = common.Stage1.from_workdir(args.workdir, tile=args.tile)
-  return evaluate(stage1, source, num=args.num or DEFAULT_NUM, seed=args.seed)
+  return evaluate(ae, source, num=args.num or DEFAULT_NUM, seed=args.seed, tile=args.tile)
 
 
 class Evaluator(common.PeriodicEvaluator):
   """Periodic scale consistency during stage 1 (ecfg: every, num, seed, tile)."""
 
-  def __init__(self, ecfg):
-    super().__init__(ecfg)
-    self._cache: dict = {}
-
   def evaluate(self, ctx):
     tile = int(common.ecfg_get(self.ecfg, "tile", common.DEFAULT_TILE))
-    stage1 = common.stage1_from_ctx(ctx, self._cache, tile=tile)
-    return evaluate(stage1, self.source(ctx), num=self.num, seed=self.seed)
+    ae = common.autoencoder_from_ctx(ctx)
+    return evaluate(ae, self.source(ctx), num=self.num, seed=self.seed, tile=tile)

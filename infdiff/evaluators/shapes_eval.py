@@ -10,21 +10,23 @@ per-category accuracies, as GenEval reports); one column per size.
 
 from __future__ import annotations
 
+from infdiff import runs
 from infdiff.data import shapes
 from infdiff.evaluators import common, shapes_detector
+from infdiff.methods import base
 
 DEFAULT_SIZES = ((64, 64), (256, 256))
 DEFAULT_NUM = 8  # prompts per category
 
 
 def evaluate(gen, *, num: int = DEFAULT_NUM, seed: int = 0, sizes=DEFAULT_SIZES) -> common.Result:
-  """Accuracy per category and overall for a `sampling.Generator` (module docstring)."""
+  """Accuracy per category and overall for a text-conditioned `Generator` (module docstring)."""
   if num <= 0:
     raise ValueError(f"--num must be positive, got {num}")
   prompts = shapes.eval_prompts(num, seed=seed)
-  images = common.generate(gen, [c for _, c, _ in prompts], sizes, seed)
   rows: dict[str, dict[str, float]] = {c: {} for c in (*shapes.CATEGORIES, "overall")}
-  for wh, imgs in images.items():
+  # One size at a time: only one size's images are held in memory.
+  for wh, imgs in gen.iter_sample([c for _, c, _ in prompts], 1, seed, sizes):
     res = shapes_detector.shapes_eval(list(imgs), prompts)
     for cat, acc in res["per_category"].items():
       rows[cat][common.size_name(wh)] = acc
@@ -42,9 +44,14 @@ def evaluate(gen, *, num: int = DEFAULT_NUM, seed: int = 0, sizes=DEFAULT_SIZES)
   )
 
 
+NEEDS = base.GENERATOR
+
+
 def cli(args: common.EvalArgs) -> common.Result:
-  """`python -m infdiff.evaluate --metric=shapes_eval`: needs a stage-2 run."""
-  gen = common.generator_from_workdir(args.workdir)
+  """`python -m infdiff.evaluate --metric=shapes_eval`: needs a text-conditioned Generator."""
+  gen = runs.load_generator(args.workdir, "--metric=shapes_eval")
+  if not gen.conditional:
+    raise ValueError("--metric=shapes_eval needs a text-conditioned generator (it scores prompts)")
   return evaluate(
       gen, num=args.num or DEFAULT_NUM, seed=args.seed, sizes=args.sizes or DEFAULT_SIZES
   )

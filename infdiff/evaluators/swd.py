@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from infdiff import runs
 from infdiff.evaluators import common, metrics
+from infdiff.methods import base
 
 DEFAULT_SIZES = ((64, 64),)
 DEFAULT_NUM = 64
@@ -55,13 +57,21 @@ def evaluate(gen, source, *, num: int = DEFAULT_NUM, seed: int = 0, sizes=DEFAUL
   )
 
 
+NEEDS = base.GENERATOR
+
+
+def validate(args: common.EvalArgs) -> None:
+  for w, h in args.sizes:
+    check_size(w, h)
+
+
 def cli(args: common.EvalArgs) -> common.Result:
-  """`python -m infdiff.evaluate --metric=swd`: needs a stage-2 run."""
+  """`python -m infdiff.evaluate --metric=swd`: needs a Generator run."""
   sizes = args.sizes or DEFAULT_SIZES
   for w, h in sizes:
     check_size(w, h)
   source = common.held_out_source(common.run_data_config(args.workdir, args.data))
-  gen = common.generator_from_workdir(args.workdir)
+  gen = runs.load_generator(args.workdir, "--metric=swd")
   return evaluate(gen, source, num=args.num or DEFAULT_NUM, seed=args.seed, sizes=sizes)
 
 

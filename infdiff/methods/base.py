@@ -22,7 +22,10 @@ evaluation. A method supplies the parts that differ:
 
 from __future__ import annotations
 
+import abc
 from typing import Any
+
+import numpy as np
 
 
 class Method:
@@ -31,12 +34,18 @@ class Method:
   groups: tuple[str, ...] = ("model",)
   # Groups whose parameters get an EMA copy (used for evaluation and sampling).
   ema_groups: tuple[str, ...] = ("model",)
+  # Inference contracts this stage provides: AUTOENCODER and/or GENERATOR.
+  provides: tuple[str, ...] = ()
 
-  def __init__(self, config, stage: str, workdir: str):
+  def __init__(self, config, stage: str, workdir: str, *, training: bool = True):
     self.config = config  # the full run config
     self.stage = stage
     self.cfg = config[stage]  # this stage's section
     self.workdir = workdir  # this stage's directory
+    # False when built for inference (`runs.load_run`): training-only inputs (teachers,
+    # LPIPS) are neither loaded nor required.
+    self.training = training
+    self._inference = None
 
   def data_transform(self, split: str):
     raise NotImplementedError
@@ -61,3 +70,121 @@ class Method:
 
   def finalize(self, ctx) -> None:
     del ctx
+
+  # --- inference --------------------------------------------------------------------
+  def make_inference(self, params, aux, **options):
+    """Builds this stage's `FieldAutoencoder` or `Generator` from its parameters.
+
+    Args:
+      params: {group: params} (EMA where the run keeps one).
+      aux: the frozen inputs from `prepare(mesh, training=False)`.
+      **options: sampling options from the CLI (e.g. num_steps, cfg_scale); an option
+        that does not apply is a one-line ValueError.
+    """
+    del params, aux, options
+    raise ValueError(f"stage {self.stage} provides no inference contract")
+
+  def inference(self, params, aux, **options):
+    """The stage's contract object, built once and then given the new parameters.
+
+    Training-time evaluators call this at every evaluation, so compiled functions are
+    reused as the parameters change.
+    """
+    if self._inference is None or options:
+      self._inference = self.make_inference(params, aux, **options)
+    else:
+      self._inference.set_params(params, aux)
+    return self._inference
+
+
+# ---------------------------------------------------------------------------------------
+# Inference contracts. `infdiff.sample`, `infdiff.evaluate`, the benchmarks and the
+# notebooks talk to these two, never to a method's internals. A stage declares which
+# it provides in `Method.provides` and builds it in `Method.make_inference`.
+
+AUTOENCODER = "autoencoder"
+GENERATOR = "generator"
+
+
+class FieldAutoencoder(abc.ABC):
+  """Images -> latent -> images at any size (RaPD stage 1; INFD's autoencoder; InfGen).
+
+  Implementations stream over the latents in fixed-size chunks (static shapes, one
+  compile) and render through the tiled renderer where the method has one, so memory
+  stays bounded in both the number of latents and the output size.
+  """
+
+  kind = AUTOENCODER
+  # Encoder input side(s) (H, W): `encode` takes images of exactly this size.
+  input_size: tuple[int, int]
+
+  @abc.abstractmethod
+  def encode(self, images: np.ndarray) -> np.ndarray:
+    """[N, H_in, W_in, 3] float32 in [0, 1] -> latents [N, h, w, C] (numpy)."""
+
+  @abc.abstractmethod
+  def render(self, latents: np.ndarray, height: int, width: int, *, tile: int | None = None):
+    """[N, h, w, C] latents -> [N, height, width, 3] float32 images (not clipped)."""
+
+  def set_params(self, params, aux) -> None:
+    """Swaps in new parameters (a training-time evaluator reuses the compiled code)."""
+    del params, aux
+
+
+class Generator(abc.ABC):
+  """Samples images at any list of sizes.
+
+  `conditional` generators take one prompt per condition; unconditional ones accept only
+  empty conditions ('' or none) and refuse prompts with a one-line ValueError.
+  """
+
+  kind = GENERATOR
+  conditional: bool = False
+  max_size: int = 8192  # largest output side the sample CLI accepts
+
+  def check_conditions(self, conditions) -> list[str]:
+    """The conditions as a list of prompts; a one-line ValueError if they do not apply."""
+    conditions = list(conditions or [""])
+    if not self.conditional and any(c for c in conditions):
+      raise ValueError(
+          f"{type(self).__name__} is unconditional: it takes no prompts "
+          f"(got {conditions[0]!r}); leave --prompt out"
+      )
+    return conditions
+
+  @abc.abstractmethod
+  def iter_sample(self, conditions, num: int, seed: int, sizes):
+    """Yields ((W, H), [len(conditions) * num, H, W, 3]) one size at a time.
+
+    Images are condition-major (all `num` samples of the first condition first), in
+    [0, 1]. The same seed gives the same images whatever the batching. Implementations
+    call `check_conditions` first.
+    """
+
+  def sample(self, conditions, num: int, seed: int, sizes) -> dict:
+    """{(W, H): [len(conditions) * num, H, W, 3] float32 in [0, 1]}."""
+    return dict(self.iter_sample(conditions, num, seed, sizes))
+
+  def set_params(self, params, aux) -> None:
+    """Swaps in new parameters (a training-time evaluator reuses the compiled code)."""
+    del params, aux
+
+
+class LatentGenerator(Generator):
+  """A generator with a latent: the denoising cost does not depend on the output size.
+
+  `latents` runs the sampler once per image; `render` draws those latents at any size.
+  """
+
+  @abc.abstractmethod
+  def latents(self, conditions, num: int = 1, seed: int = 0) -> np.ndarray:
+    """Denoised latents [len(conditions) * num, h, w, C], condition-major."""
+
+  @abc.abstractmethod
+  def render(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[N, h, w, C] -> [N, height, width, 3] float32 in [0, 1]."""
+
+  def iter_sample(self, conditions, num: int, seed: int, sizes):
+    z = self.latents(self.check_conditions(conditions), num=num, seed=seed)
+    for w, h in sizes:
+      yield (w, h), self.render(z, h, w)

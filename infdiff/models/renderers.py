@@ -281,3 +281,9 @@ def make_renderer(name: str, **kwargs) -> nn.Module:
         f"renderer={name}, which sets its fields"
     )
   return cls(**kwargs)
+
+
+def renderer_from_config(rcfg, dtype=jnp.float32) -> nn.Module:
+  """The renderer of a config section {'name': ..., **fields} (ConfigDict or dict)."""
+  kw = dict(rcfg.to_dict() if hasattr(rcfg, "to_dict") else rcfg)
+  return make_renderer(kw.pop("name"), **kw, dtype=dtype)

@@ -21,8 +21,10 @@ from absl import logging
 from infdiff import checkpoint as ckpt_lib
 from infdiff import fields
 from infdiff.data import transforms
-from infdiff.methods.base import Method as BaseMethod
+from infdiff.methods import base
 from infdiff.models.nif import NIFAutoencoder
+
+STATS_FILE = "latent_stats.json"  # per-channel latent statistics, beside the checkpoints
 
 
 def _dtype(name):
@@ -61,16 +63,19 @@ def _set(tree, path, value):
   return tree
 
 
-class Method(BaseMethod):
+class Method(base.Method):
   """RaPD stage 1 (also the renderer ablations liif / clif / cqar)."""
 
-  def __init__(self, config, stage, workdir):
-    super().__init__(config, stage, workdir)
+  provides = (base.AUTOENCODER,)
+
+  def __init__(self, config, stage, workdir, *, training=True):
+    super().__init__(config, stage, workdir, training=training)
     self.teacher = None
     self.lpips = None
     self.teacher_dim = 0
     d = self.cfg.distill
-    if d.weight > 0:
+    # The teacher and LPIPS are training-only: inference builds the model without them.
+    if d.weight > 0 and training:
       if not d.teacher_path:
         raise ValueError(
             f"{stage}.distill.weight > 0 needs {stage}.distill.teacher_path (a DINOv2 checkpoint "
@@ -83,7 +88,7 @@ class Method(BaseMethod):
       gh, gw = (int(x) for x in d.teacher_grid)
       self.teacher = teacher.clone(image_size=(gh * teacher.patch_size, gw * teacher.patch_size))
       self.teacher_dim = int(teacher.hidden_size)
-    if self.cfg.lpips_weight > 0:
+    if self.cfg.lpips_weight > 0 and training:
       if not self.cfg.lpips_path:
         raise ValueError(
             f"{stage}.lpips_weight > 0 needs {stage}.lpips_path (a VGG16-LPIPS checkpoint "
@@ -102,8 +107,8 @@ class Method(BaseMethod):
     )
 
   # --- state ----------------------------------------------------------------------
-  def prepare(self, mesh):
-    del mesh
+  def prepare(self, mesh, training=True):
+    del mesh, training  # nothing is loaded unless training (see __init__)
     aux = {}
     if self.teacher is not None:
       aux["teacher"] = self._teacher_params
@@ -201,10 +206,28 @@ class Method(BaseMethod):
       )
     return out
 
+  def make_inference(self, params, aux, *, tile=None, batch=None):
+    """The `FieldAutoencoder` of these parameters (the distillation branch dropped)."""
+    del aux
+    from infdiff.methods.rapd import pipeline
+
+    model = build_model(self.cfg, teacher_dim=0)
+    return pipeline.Autoencoder(
+        model, self.cfg, params, tile=tile, batch=batch, select=inference_params
+    )
+
+  def latent_stats(self) -> dict | None:
+    """{'mean', 'std', 'count'} written by `finalize`, or None before it ran."""
+    path = os.path.join(self.workdir, STATS_FILE)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
   def finalize(self, ctx):
     """Per-channel latent mean/std over the training set, stored beside the checkpoints."""
     stats = latent_statistics(self, ctx)
-    path = os.path.join(self.workdir, "latent_stats.json")
+    path = os.path.join(self.workdir, STATS_FILE)
     ckpt_lib.write_json(path, stats)
     logging.info(
         "[%s] latent statistics over %d latents written to %s", self.stage, stats["count"], path
@@ -244,24 +267,6 @@ def latent_statistics(method, ctx) -> dict:
   return {"mean": mean.tolist(), "std": std.tolist(), "count": int(total)}
 
 
-def load_autoencoder(stage1_dir: str):
-  """(model, params, stats) of a finished stage-1 run directory, for stage 2 and sampling."""
-  cfg_path = os.path.join(stage1_dir, "config.json")
-  if not os.path.exists(cfg_path):
-    raise ckpt_lib.CheckpointError(f"no stage-1 run at {stage1_dir} (config.json missing)")
-  import ml_collections
-
-  with open(cfg_path) as f:
-    full = ml_collections.ConfigDict(json.load(f))
-  stage = os.path.basename(os.path.normpath(stage1_dir))
-  cfg = full[stage]
-  model = build_model(cfg, teacher_dim=0)  # the distillation branch is training-only
-  state, _ = ckpt_lib.restore_params_only(os.path.join(stage1_dir, "checkpoints"))
-  params = dict((state.get("ema") or state["params"])["model"])
-  params.pop("proj", None)
-  stats_path = os.path.join(stage1_dir, "latent_stats.json")
-  stats = None
-  if os.path.exists(stats_path):
-    with open(stats_path) as f:
-      stats = json.load(f)
-  return model, params, stats, cfg
+def inference_params(params) -> dict:
+  """{'enc', 'dec'} of a stage-1 parameter set: the training-only 'proj' branch dropped."""
+  return {k: v for k, v in params["model"].items() if k != "proj"}

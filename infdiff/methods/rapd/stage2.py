@@ -9,44 +9,21 @@ from __future__ import annotations
 
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from infdiff import runs
 from infdiff.data import pipeline as data_pipeline
 from infdiff.data import transforms
 from infdiff.diffusion import flow
-from infdiff.methods.base import Method as BaseMethod
-from infdiff.methods.rapd.stage1 import load_autoencoder
+from infdiff.methods import base
 from infdiff.models.dit import DiT
+from infdiff.models.projectors import RepaProjector
 from infdiff.models.text import WordVocab, build_text_encoder
 
 VOCAB_FILE = "vocab.json"
-
-
-class RepaProjector(nn.Module):
-  """MLP from denoiser width to teacher width (REPA's projector: Linear-SiLU-Linear x2)."""
-
-  hidden: int
-  out: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):  # [B, N, width] -> [B, N, out]
-    def dense(f, axes, name):
-      return nn.Dense(
-          f,
-          dtype=self.dtype,
-          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-          name=name,
-      )
-
-    x = nn.silu(dense(self.hidden, ("embed", "mlp"), "fc1")(x))
-    x = nn.silu(dense(self.hidden, ("mlp", "embed"), "fc2")(x))
-    return dense(self.out, ("embed", "mlp"), "fc3")(x)
 
 
 def source_captions(data_cfg, limit: int) -> list[str]:
@@ -121,18 +98,25 @@ def build_dit(cfg, text_width: int, latent_channels: int) -> DiT:
   )
 
 
-class Method(BaseMethod):
+class Method(base.Method):
   """RaPD stage 2 on a finished stage-1 run."""
 
-  def __init__(self, config, stage, workdir):
-    super().__init__(config, stage, workdir)
+  provides = (base.GENERATOR,)
+
+  def __init__(self, config, stage, workdir, *, training=True):
+    super().__init__(config, stage, workdir, training=training)
     c = self.cfg
     self.s1_dir = stage1_dir(config, workdir)
-    self.ae, self._ae_params, stats, self.s1_cfg = load_autoencoder(self.s1_dir)
+    # The frozen stage 1, read like any run (EMA parameters where it keeps them).
+    s1 = runs.load_run(self.s1_dir)
+    self.ae = s1.method.model  # built without the training-only distillation branch
+    self.s1_cfg = s1.method.cfg
+    self._ae_params = s1.inference().params
+    stats = s1.method.latent_stats()
     if stats is None:
       raise FileNotFoundError(f"stage-1 run {self.s1_dir} has no latent_stats.json")
-    self._mean = np.asarray(stats["mean"], np.float32)
-    self._std = np.asarray(stats["std"], np.float32)
+    self.latent_mean = np.asarray(stats["mean"], np.float32)  # [C]
+    self.latent_std = np.asarray(stats["std"], np.float32)  # [C]
     # The latent grid (and so the image size stage 2 trains on) is stage 1's encoder size.
     self.latent_size = int(self.s1_cfg.enc_size)
     if self.latent_size % c.dit.patch:
@@ -141,9 +125,9 @@ class Method(BaseMethod):
           f"{c.dit.patch}"
       )
     self.text = TextSide(c, workdir, lambda: source_captions(config.data, c.text.vocab_captions))
-    self.dit = build_dit(c, self.text.encoder.width, len(self._mean))
+    self.dit = build_dit(c, self.text.encoder.width, len(self.latent_mean))
     self.teacher = None
-    if c.repa.weight > 0:
+    if c.repa.weight > 0 and training:  # the REPA teacher is training-only
       if not c.repa.teacher_path:
         raise ValueError("rapd_stage2.repa.weight > 0 needs rapd_stage2.repa.teacher_path (DINOv2)")
       from infdiff import pretrained
@@ -163,9 +147,9 @@ class Method(BaseMethod):
         )
     )
 
-  def prepare(self, mesh):
-    del mesh
-    aux = {"ae": self._ae_params, "mean": self._mean, "std": self._std}
+  def prepare(self, mesh, training=True):
+    del mesh, training  # the teacher is loaded only when training (see __init__)
+    aux = {"ae": self._ae_params, "mean": self.latent_mean, "std": self.latent_std}
     if not self.text.encoder.trainable:
       aux["text"] = self.text.encoder.init(None, None, None)
     if self.teacher is not None:
@@ -180,7 +164,7 @@ class Method(BaseMethod):
       params["text"] = self.text.encoder.init(r_text, ids, mask)["params"]
     hidden = jnp.zeros((*ids.shape, self.text.encoder.width), jnp.float32)
     b, r = batch["image"].shape[0], self.latent_size
-    x = jnp.zeros((b, r, r, len(self._mean)), jnp.float32)
+    x = jnp.zeros((b, r, r, len(self.latent_mean)), jnp.float32)
     params["dit"] = self.dit.init(r_dit, x, jnp.zeros((b,)), hidden, mask)["params"]
     if self.teacher is not None:
       n = (r // self.cfg.dit.patch) ** 2
@@ -192,9 +176,19 @@ class Method(BaseMethod):
     p = {"params": params["text"]} if self.text.encoder.trainable else aux["text"]
     return self.text.encoder.encode(p, ids, mask)
 
+  @staticmethod
+  def normalise(aux, z):
+    """Stage-1 latent -> the normalised latent stage 2 models: (z - mu) / sigma."""
+    return (z.astype(jnp.float32) - aux["mean"]) / aux["std"]
+
+  @staticmethod
+  def denormalise(aux, x):
+    """The exact inverse of `normalise`: x * sigma + mu."""
+    return x * aux["std"] + aux["mean"]
+
   def normalised_latent(self, aux, image):
     z = self.ae.apply({"params": aux["ae"]}, image, method="encode")
-    return jax.lax.stop_gradient((z.astype(jnp.float32) - aux["mean"]) / aux["std"])
+    return jax.lax.stop_gradient(self.normalise(aux, z))
 
   def loss(self, group, params, aux, batch, rng, step):
     del group, step
@@ -232,18 +226,18 @@ class Method(BaseMethod):
     return jax.lax.stop_gradient(tokens.astype(jnp.float32).reshape(b, grid * grid, d))
 
   # --- sampling ---------------------------------------------------------------------
-  def generator(self, params, aux):
-    """A sampling.Generator kept across calls, so sampling compiles once per run."""
-    from infdiff import sampling
+  def make_inference(self, params, aux, **options):
+    """The text-to-image `Generator` (options: num_steps, cfg_scale, batch_size)."""
+    from infdiff.methods.rapd import pipeline
 
-    if getattr(self, "_gen", None) is None:
-      self._gen = sampling.Generator.from_method(self, params, aux)
-    self._gen.params, self._gen.aux = params, aux
-    return self._gen
+    unknown = sorted(set(options) - {"num_steps", "cfg_scale", "batch_size"})
+    if unknown:
+      raise ValueError(f"{self.stage} sampling has no option(s) {', '.join(unknown)}")
+    return pipeline.TextToImage(self, params, aux, **options)
 
   def summaries(self, params, aux, batch, rng):
     del batch, rng
-    gen = self.generator(params, aux)
+    gen = self.inference(params, aux)
     z = gen.latents(list(self.cfg.sample.prompts), seed=self.config.seed)
     return {f"samples/{s}x{s}": gen.render(z, s, s) for s in self.cfg.sample.sizes}
 
@@ -251,7 +245,7 @@ class Method(BaseMethod):
     """Sample grids at the configured sizes into workdir/../samples (the run's root)."""
     from infdiff import sampling
 
-    gen = self.generator(ctx.state.ema or ctx.state.params, ctx.aux)
+    gen = self.inference(ctx.state.ema or ctx.state.params, ctx.aux)
     out = os.path.join(os.path.dirname(os.path.normpath(self.workdir)), "samples")
     z = gen.latents(list(self.cfg.sample.prompts), seed=self.config.seed)
     for s in self.cfg.sample.sizes:

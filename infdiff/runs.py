@@ -1,0 +1,163 @@
+"""Reading finished runs: the one place that opens a run directory for inference.
+
+A run directory W holds one directory per trained stage (`W/<stage>/`, the stage names of
+`config.stages`), each with `config.json`, `checkpoints/` and whatever the stage writes
+beside them (e.g. `latent_stats.json`). `load_run` reads one stage: its config, its
+`Method` (built with training=False, so training-only inputs such as a distillation
+teacher are neither loaded nor required), its EMA parameters (plain parameters when the
+stage keeps no EMA) restored onto one local device whatever topology wrote them, and the
+frozen inputs from `Method.prepare(None, training=False)`. Chained stages (RaPD stage 2 on
+stage 1) load the earlier stage through `load_run` too.
+
+`load_autoencoder` / `load_generator` pick the stage of a run directory that provides the
+`FieldAutoencoder` / `Generator` contract, or fail with one line naming what is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from infdiff import checkpoint as ckpt_lib
+from infdiff import methods
+from infdiff.methods import base
+
+
+@dataclasses.dataclass
+class Run:
+  """One trained stage, ready for inference."""
+
+  config: ml_collections.ConfigDict  # the full run config (config.json)
+  stage: str  # stage name, e.g. 'rapd_stage1'
+  directory: str  # the stage directory W/<stage>
+  method: Any  # the stage's Method, built with training=False
+  params: dict  # {group: params}: EMA where the stage keeps one, else the trained params
+  aux: Any  # frozen inference inputs (prepare(None, training=False))
+  step: int  # checkpoint step read
+
+  def inference(self, **options):
+    """The stage's `FieldAutoencoder` or `Generator`."""
+    return self.method.inference(self.params, self.aux, **options)
+
+
+def read_config(stage_dir: str) -> ml_collections.ConfigDict:
+  """The config.json of a stage directory; CheckpointError if there is none."""
+  path = os.path.join(stage_dir, "config.json")
+  if not os.path.isfile(path):
+    raise ckpt_lib.CheckpointError(f"no run at {stage_dir} (config.json missing)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _is_stage_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def stage_dirs(path: str) -> dict[str, str]:
+  """{stage: directory} of the stages present at `path` (a run or a stage directory).
+
+  Stages come in the order of the run's `config.stages`, then any others by name.
+  """
+  path = os.path.normpath(path)
+  if _is_stage_dir(path):
+    return {os.path.basename(path): path}
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no run directory {path}")
+  found = {s: os.path.join(path, s) for s in methods.STAGES if _is_stage_dir(os.path.join(path, s))}
+  order: list[str] = []
+  for d in found.values():
+    order += [s for s in read_config(d).get("stages", ()) if s in found and s not in order]
+  order += sorted(s for s in found if s not in order)
+  return {s: found[s] for s in order}
+
+
+def run_root(path: str) -> str:
+  """The run directory (where eval/ and samples/ go), given it or one of its stages."""
+  path = os.path.normpath(path)
+  return os.path.dirname(path) if _is_stage_dir(path) else path
+
+
+def run_config(path: str) -> ml_collections.ConfigDict:
+  """The config of a run (its last stage's config.json), given the run or a stage."""
+  dirs = stage_dirs(path)
+  if not dirs:
+    raise ckpt_lib.CheckpointError(
+        f"no trained stage in {path} (no <stage>/config.json for any of "
+        f"{', '.join(methods.STAGES)})"
+    )
+  return read_config(list(dirs.values())[-1])
+
+
+def load_run(path: str, stage: str | None = None, step: int | None = None) -> Run:
+  """Reads one stage of a run for inference.
+
+  Args:
+    path: a run directory or a stage directory.
+    stage: the stage to read; None: the stage directory given, or the run's last stage.
+    step: checkpoint step; None: the newest.
+
+  Returns:
+    A `Run`.
+  """
+  dirs = stage_dirs(path)
+  if stage is None:
+    if not dirs:
+      raise ckpt_lib.CheckpointError(f"no trained stage in {path}")
+    stage = list(dirs)[-1]
+  if stage not in dirs:
+    raise ckpt_lib.CheckpointError(
+        f"no {stage} run in {path} (missing {stage}/config.json); train that stage first"
+    )
+  directory = dirs[stage]
+  config = read_config(directory)
+  from infdiff import utils
+
+  utils.enable_compilation_cache(config.get("compilation_cache_dir", ""))
+  method = methods.get_method_class(stage)(config, stage, directory, training=False)
+  state, read_step = ckpt_lib.restore_params_only(os.path.join(directory, "checkpoints"), step=step)
+  params = dict(state.get("ema") or state["params"])
+  # Groups without an EMA copy (e.g. a discriminator) keep their trained parameters.
+  params = {**state["params"], **params}
+  aux = method.prepare(None, training=False)
+  return Run(config, stage, directory, method, params, aux, int(read_step))
+
+
+def _providers(path: str, kind: str) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+  dirs = stage_dirs(path)
+  provides = {s: tuple(methods.get_method_class(s).provides) for s in dirs}
+  return [s for s in dirs if kind in provides[s]], provides
+
+
+def load_contract(path: str, kind: str, purpose: str, step: int | None = None, **options):
+  """The `FieldAutoencoder` or `Generator` of a run, from the last stage providing it.
+
+  Args:
+    path: a run directory or a stage directory.
+    kind: `base.AUTOENCODER` or `base.GENERATOR`.
+    purpose: what needs it (for the error message), e.g. 'metric recon'.
+    step: checkpoint step; None: the newest.
+    **options: sampling options passed to the method (num_steps, cfg_scale, ...).
+  """
+  stages, provides = _providers(path, kind)
+  if not stages:
+    have = ", ".join(f"{s} ({'/'.join(p) or 'nothing'})" for s, p in provides.items())
+    can = sorted(s for s in methods.STAGES if kind in methods.get_method_class(s).provides)
+    raise ValueError(
+        f"{purpose} needs a run with a {kind} stage ({', '.join(can)}); "
+        f"{path} has {have or 'no trained stage'}"
+    )
+  return load_run(path, stages[-1], step=step).inference(**options)
+
+
+def load_autoencoder(path: str, purpose: str = "this", **kw) -> base.FieldAutoencoder:
+  """The run's `FieldAutoencoder` (one-line ValueError if it has none)."""
+  return load_contract(path, base.AUTOENCODER, purpose, **kw)
+
+
+def load_generator(path: str, purpose: str = "sampling", **kw) -> base.Generator:
+  """The run's `Generator` (one-line ValueError if it has none)."""
+  return load_contract(path, base.GENERATOR, purpose, **kw)
