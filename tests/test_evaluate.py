@@ -237,3 +237,45 @@ def test_recon_crops_cycle_over_a_small_held_out_folder(tmp_path):
   assert out.shape == (3, 64, 64, 3)
   # Three positions in the one image, not three copies of one crop.
   assert np.abs(out[0] - out[1]).max() > 0.1 and np.abs(out[1] - out[2]).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "keep, metric, needle",
+    [
+        ("rapd_stage2", "recon", "autoencoder"),
+        ("rapd_stage2", "scale_consistency", "autoencoder"),
+        ("rapd_stage1", "shapes_eval", "generator"),
+        ("rapd_stage1", "swd", "generator"),
+    ],
+)
+def test_a_metric_that_does_not_apply_names_what_it_needs(run_dir, tmp_path, keep, metric, needle):
+  import shutil
+
+  only = tmp_path / f"only_{keep}"
+  shutil.copytree(run_dir / keep, only / keep)
+  line = _one_line_error(_evaluate(only, f"--metric={metric}"))
+  assert needle in line and metric in line and keep in line, line
+
+
+def test_contracts_from_a_run_directory(run_dir):
+  from infdiff import runs
+
+  ae = runs.load_autoencoder(str(run_dir))
+  assert isinstance(ae, base.FieldAutoencoder)
+  gen = runs.load_generator(str(run_dir))
+  assert isinstance(gen, base.LatentGenerator) and gen.conditional
+  # A stage directory works as well as the run directory, and its root is the run.
+  assert runs.run_root(str(run_dir / "rapd_stage1")) == os.path.normpath(str(run_dir))
+  r = ae.input_size[0]
+  x = np.random.default_rng(0).uniform(size=(11, r, r, 3)).astype(np.float32)
+  z = ae.encode(x)  # 11 images through fixed-size chunks
+  assert z.shape[:3] == (11, r, r)
+  img = ae.render(z, 2 * r, 3 * r)  # [N, H, W, 3] for (height, width)
+  assert img.shape == (11, 2 * r, 3 * r, 3)
+  # Streaming over latents in chunks gives what rendering each latent alone gives.
+  one = ae.render(z[7:8], 2 * r, 3 * r)
+  np.testing.assert_allclose(img[7:8], one, atol=1e-5)
+  with pytest.raises(ValueError, match="takes"):
+    ae.encode(x[:, :-1])
+  with pytest.raises(ValueError, match="no option"):
+    runs.load_generator(str(run_dir), no_such_option=1)
