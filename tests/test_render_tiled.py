@@ -106,3 +106,39 @@ def test_render_image_rejects_crop_outside_image():
   fn = render.RendererFn(make_renderer("liif", **TINY["liif"]))
   with pytest.raises(ValueError, match="not inside"):
     render.render_image(fn, {}, jnp.zeros((1, 4, 4, 4)), 64, 64, crop=(60, 0, 8, 8))
+
+
+def test_out_of_memory_becomes_one_line_naming_the_setting():
+  import jax
+
+  from infdiff import cli, render
+
+  with pytest.raises(render.OutOfMemory, match=r"ran out of memory .* lower --tile"):
+    with render.memory_hint("rendering 4 latents at 4096x4096", "--tile"):
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 29.7G\nmore")
+  assert render.OutOfMemory in cli.USER_ERRORS  # the CLIs print it as one line, exit 2
+  with pytest.raises(jax.errors.JaxRuntimeError):  # other runtime errors pass through
+    with render.memory_hint("rendering", "--tile"):
+      raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+
+def test_render_latents_streams_chunks_into_one_output():
+  import jax.numpy as jnp
+
+  from infdiff import render
+
+  def apply_fn(params, latent, coords, cells, valid=None):  # pointwise: mean latent + coords
+    del params, cells, valid
+    m = jnp.mean(latent, axis=(1, 2, 3))[:, None, None, None]  # [B, 1, 1, 1]
+    return m + jnp.concatenate([coords, coords[..., :1]], -1)
+
+  z = np.random.default_rng(0).normal(size=(7, 2, 2, 3)).astype(np.float32)
+  out = render.render_latents(apply_fn, None, z, 5, 9, batch=3, tile=4)
+  assert out.shape == (7, 5, 9, 3)
+  for i in range(7):
+    ref = render.render_image(apply_fn, None, jnp.asarray(z[i : i + 1]), 5, 9, tile=4)
+    np.testing.assert_allclose(out[i : i + 1], ref, atol=1e-6)
+  u8 = render.render_latents(
+      apply_fn, None, z, 5, 9, batch=3, tile=4, out=np.zeros((7, 5, 9, 3), np.uint8)
+  )
+  assert u8.dtype == np.uint8 and u8.max() > 0
