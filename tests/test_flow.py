@@ -143,8 +143,8 @@ def _nearest(x):
   return np.argmin(d, axis=1)
 
 
-@pytest.fixture(scope="module")
-def mixture_model():
+def _train_mixture(shift: float = 1.0, scale: float = 1.0):
+  """Trains _MixtureVelocity on the mixture times `scale`, at times shifted by `shift`."""
   model = _MixtureVelocity()
   null = model.classes
   batch, steps = 512, 3000
@@ -154,9 +154,9 @@ def mixture_model():
   def loss_fn(params, rng):
     kc, kn, ke, kt, kd = jax.random.split(rng, 5)
     label = jax.random.choice(kc, 3, (batch,), p=jnp.asarray(_WEIGHTS))
-    x1 = jnp.asarray(_MEANS)[label] + _STD * jax.random.normal(kn, (batch, 2))
+    x1 = scale * (jnp.asarray(_MEANS)[label] + _STD * jax.random.normal(kn, (batch, 2)))
     eps = jax.random.normal(ke, (batch, 2))
-    t = flow.sample_train_t(kt, (batch,), shift=1.0)
+    t = flow.sample_train_t(kt, (batch,), shift=shift)
     keep = flow.drop_text(kd, label, 0.2)
     v = model.apply(params, flow.interpolate(x1, eps, t), t, jnp.where(keep, label, null))
     return flow.flow_matching_loss(v, x1, eps)
@@ -175,6 +175,11 @@ def mixture_model():
   params, losses = train(params, jax.random.key(1))
   assert float(losses[-200:].mean()) < float(losses[:200].mean())
   return model, params
+
+
+@pytest.fixture(scope="module")
+def mixture_model():
+  return _train_mixture()
 
 
 def test_flow_matching_reproduces_mixture_weights(mixture_model):
@@ -207,3 +212,27 @@ def test_flow_matching_cfg_selects_class(mixture_model):
         uncond=jnp.full((n,), model.classes),
     )
     assert np.mean(_nearest(x) == k) > 0.95
+
+
+def test_flow_matching_with_shift_32_reproduces_mixture_weights():
+  # RaPD's shift s = 32 end to end: shifted logit-normal training times and the Euler
+  # sampler's shifted grid (25 steps, as RaPD samples). A shift divides the
+  # signal-to-noise ratio t^2 / (1 - t)^2 by s^2 and scaling the data by c multiplies it
+  # by c^2, so s = 32 is the matched shift for data of scale 32 (the role of the dense
+  # high-resolution latent). On the unit-scale mixture s = 32 leaves almost no training
+  # times near the data (P(t' > 0.6) ~ 5e-5) and the learned flow misses the components.
+  scale = 32.0
+  model, params = _train_mixture(shift=32.0, scale=scale)
+  n = 4000
+  fn = lambda x, t, c: model.apply(params, x, t, c)
+  noise = jax.random.normal(jax.random.key(9), (n, 2))
+  null = jnp.full((n,), model.classes)
+  sample = jax.jit(lambda z, c, s: euler_sample(fn, z, num_steps=25, shift=s, cond=c))
+  x = np.asarray(sample(noise, null, 32.0)) / scale
+  freq = np.bincount(_nearest(x), minlength=3) / n
+  np.testing.assert_allclose(freq, _WEIGHTS, atol=0.05)
+  on_component = lambda x: np.mean(np.linalg.norm(x - _MEANS[_nearest(x)], axis=-1) < 3 * _STD)
+  assert on_component(x) > 0.9
+  # The sampler's grid must carry the training shift: the unshifted grid puts its steps
+  # where the model was barely trained and lands far fewer samples on the components.
+  assert on_component(np.asarray(sample(noise, null, 1.0)) / scale) < 0.8

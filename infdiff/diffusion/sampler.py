@@ -17,7 +17,8 @@ whose leaves have batch B first; for the DiT:
   velocity_fn = lambda x, t, c: dit.apply(params, x, t, c.hidden, c.mask)
 
 With CFG the conditional and unconditional inputs are concatenated along the batch and
-evaluated in one call per step, `v = v_u + g (v_c - v_u)`.
+evaluated in one call per step, `v = v_u + g (v_c - v_u)`; the guidance is
+`infdiff.diffusion.guidance`, the same wrapper the Gaussian diffusion samplers use.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from infdiff.diffusion import guidance
 from infdiff.diffusion.flow import shift_t
 
 
@@ -63,21 +65,12 @@ def euler_sample(
   """
   ts = time_grid(num_steps, shift)
   b = noise.shape[0]
-  if uncond is not None:
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-    g = jnp.asarray(cfg_scale, jnp.float32)
-    g = g.reshape(g.shape + (1,) * (noise.ndim - g.ndim))
-
-  def velocity(x, t):
-    if uncond is None:
-      return velocity_fn(x, jnp.full((b,), t), cond).astype(jnp.float32)
-    v = velocity_fn(jnp.concatenate([x, x], axis=0), jnp.full((2 * b,), t), both)
-    v_c, v_u = jnp.split(v.astype(jnp.float32), 2, axis=0)
-    return v_u + g * (v_c - v_u)
+  # Bound outside the loop, so cond and uncond are concatenated once, not per step.
+  velocity = guidance.bind_cfg(velocity_fn, cfg_scale, cond, uncond)
 
   def step(i, x):
     t, t_next = ts[i], ts[i + 1]
-    return x + (t_next - t) * velocity(x, t)
+    return x + (t_next - t) * velocity(x, jnp.full((b,), t))
 
   x = jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
   return x.astype(noise.dtype)
