@@ -6,6 +6,11 @@ Presets (comma-separated after the colon, big_vision style):
   configs/rapd.py:demo          both stages, tiny, on built-in data, 2-core CPU
   configs/rapd.py:demo,renderer=liif      renderer ablation (cqar | liif | clif)
   configs/rapd.py:demo,distill=True,teacher=/path/to/dinov2-base   distillation on
+The paper configuration turns LPIPS, distillation and REPA on and refuses to start
+(`config.required_paths`, checked by infdiff/main.py) until their checkpoint directories
+are given (presets lpips=DIR, teacher=DIR, text_encoder=DIR, or --config.<field>=DIR) or
+the losses are switched off explicitly: lpips=none, distill=False, repa=False. The demo
+turns each of them on only when its directory is given.
 Every field can be overridden: --config.total_steps=30 --config.data.source=folder:/imgs
 """
 
@@ -18,9 +23,10 @@ PRESETS = dict(
     demo=False,  # tiny sizes for a 2-core CPU
     stage2=False,  # train stage 2 only (paper scale runs the stages separately)
     renderer="cqar",  # renderer ablation: cqar | liif | clif
-    distill=True,  # semantic distillation on/off (on needs a DINOv2 checkpoint path)
+    distill=True,  # stage-1 semantic distillation on/off (on needs `teacher`)
+    repa=True,  # stage-2 REPA on/off (on needs `teacher`)
     teacher="",  # DINOv2 checkpoint directory (HF facebook/dinov2-base layout)
-    lpips="",  # VGG16-LPIPS checkpoint directory (see infdiff.pretrained)
+    lpips="",  # VGG16-LPIPS checkpoint directory (see infdiff.pretrained); 'none' = L1 only
     text_encoder="",  # Qwen3 checkpoint directory (HF Qwen/Qwen3-1.7B layout)
     evals=False,  # periodic recon (stage 1) and ShapesEval (stage 2) during training
 )
@@ -41,6 +47,7 @@ def renderer_config(name: str, demo: bool) -> ml_collections.ConfigDict:
     r.rpb_init_slope = 1.0 if demo else 0.0
   elif name == "liif":
     r.hidden = (64, 64) if demo else (256, 256, 256, 256)  # MLP widths (LIIF: 4 x 256)
+    r.unfold = True  # 3x3 feature unfolding (LIIF's default feat_unfold)
   elif name == "clif":
     r.features = 32 if demo else 128  # conv width (choice; INFD's CLIF is lightweight)
     r.n_resblocks = 2  # INFD: 2 ResBlocks
@@ -62,9 +69,15 @@ def stage1_config(p) -> ml_collections.ConfigDict:
   # same ~5 minutes, PSNR at 2x: batch 8 x 1500 steps 33.1 dB, 4 x 3000 33.5, 2 x 6000 33.7).
   # The demo runs 2 x 4500 (rapd_stage1.total_steps) to keep both stages within 10 minutes.
   c.batch_size = 2 if demo else 8
-  c.enc_size = 32 if demo else 256  # r: fixed encoder input side (choice at paper scale)
+  # r: fixed encoder input side = latent side (the EDSR encoder keeps the resolution).
+  # Stage 2 models this latent (it reads enc_size from the stage-1 run): App. B.5's 1024
+  # image tokens at patch 16 are a 32 x 32 token grid, so r = 32 * 16 = 512.
+  c.enc_size = 32 if demo else 512
   c.s_max = 4.0  # multi-resolution scale s ~ U[1, s_max] (choice: 4)
-  c.target_window = 32 if demo else 256  # P: supervised P x P window of the target grid
+  # P: supervised P x P window of the (s r)^2 target grid; 0 supervises the whole grid as
+  # App. B.6 does. A window of r x r (choice) keeps the renderer's per-step cost at r^2
+  # queries per image whatever s is (the whole grid at s = 4 is 2048^2 queries).
+  c.target_window = 32 if demo else 512
   c.encoder = ml_collections.ConfigDict(
       dict(
           features=32 if demo else 16,
@@ -73,10 +86,14 @@ def stage1_config(p) -> ml_collections.ConfigDict:
       )
   )  # Table 5: 16 channels / 8 resblocks, C = 16. The demo's half-depth encoder is wider.
   c.renderer = renderer_config(p.renderer, demo)
-  c.lpips_weight = 1.0 if p.lpips else 0.0  # lambda_lpips (choice 1.0; needs lpips_path)
-  c.lpips_path = p.lpips
+  # The paper configuration turns the losses on whether or not their directories are given
+  # (the start-up check names the missing ones); the demo only when they are given.
+  lpips_path = "" if p.lpips == "none" else p.lpips
+  use_lpips = p.lpips != "none" and (bool(lpips_path) or not demo)
+  c.lpips_weight = 1.0 if use_lpips else 0.0  # lambda_lpips (choice 1.0; needs lpips_path)
+  c.lpips_path = lpips_path
   c.distill = ml_collections.ConfigDict()
-  use_distill = p.distill and bool(p.teacher)
+  use_distill = p.distill and (bool(p.teacher) or not demo)
   c.distill.weight = 0.1 if use_distill else 0.0  # w_hyper (Table 5: 0.1); 0 = off
   c.distill.m1 = 0.5  # cosine margin (Table 5)
   c.distill.m2 = 0.25  # distance-matrix margin (Table 5)
@@ -130,11 +147,14 @@ def stage2_config(p) -> ml_collections.ConfigDict:
   c.flow = ml_collections.ConfigDict()
   c.flow.mu = 0.0  # logit-normal location (choice)
   c.flow.sigma = 1.0  # logit-normal scale (choice)
-  # Timestep shift (Table 5: 32 for a 256^2 x 16 latent). The demo latent has 128x fewer
-  # dimensions; shift grows like sqrt(dimensions) (SD3), so 32 / sqrt(128) ~ 3.
-  c.flow.shift = 3.0 if demo else 32.0
+  # Timestep shift (Table 5: 32, for the paper latent of 512^2 x 16 = 4.19M dimensions).
+  # SD3 scales the shift like sqrt(dimensions); the demo latent (32^2 x 8 = 8192) has 512x
+  # fewer, so 32 / sqrt(512) ~ 1.4. (The demo had 3.0, from a 256^2 paper latent; on the
+  # same stage 1 both reached ShapesEval 0.28 at 64x64, 16 prompts per category.)
+  c.flow.shift = 1.4 if demo else 32.0
   c.repa = ml_collections.ConfigDict()
-  c.repa.weight = 0.5 if p.teacher else 0.0  # Table 5: 0.5; needs the DINOv2 teacher
+  use_repa = p.repa and (bool(p.teacher) or not demo)
+  c.repa.weight = 0.5 if use_repa else 0.0  # Table 5: 0.5; needs the DINOv2 teacher
   c.repa.teacher_path = p.teacher
   c.repa.hidden = 256 if demo else 2048  # projector MLP width
   # Table 5's stage-2 learning rate is lost in the text: 1e-4 (choice), constant after
@@ -183,6 +203,45 @@ def get_config(arg=None):
   c.rapd_stage1.optim.decay_steps = c.rapd_stage1.get_ref("total_steps")
   c.rapd_stage2.optim.decay_steps = c.get_ref("total_steps")
   c.ema_decay = 0.9999  # Table 5
+  # Checkpoint directories, checked together before any stage starts (infdiff/main.py,
+  # config_lib.check_required_paths): each is needed while its `when` field is on and its
+  # stage runs. The demo's weights stay 0 without directories, so it needs none.
+  need = config_lib.required_path
+  c.required_paths = ml_collections.ConfigDict(
+      dict(
+          lpips=need(
+              "rapd_stage1.lpips_path",
+              when="rapd_stage1.lpips_weight",
+              stage="rapd_stage1",
+              what="VGG16-LPIPS",
+              give="lpips=DIR",
+              off="lpips=none",
+          ),
+          teacher=need(
+              "rapd_stage1.distill.teacher_path",
+              when="rapd_stage1.distill.weight",
+              stage="rapd_stage1",
+              what="DINOv2 distillation teacher",
+              give="teacher=DIR",
+              off="distill=False",
+          ),
+          repa_teacher=need(
+              "rapd_stage2.repa.teacher_path",
+              when="rapd_stage2.repa.weight",
+              stage="rapd_stage2",
+              what="DINOv2 REPA teacher",
+              give="teacher=DIR",
+              off="repa=False",
+          ),
+          text_encoder=need(
+              "rapd_stage2.text.path",
+              when="rapd_stage2.text.encoder=qwen3",
+              stage="rapd_stage2",
+              what="Qwen3-1.7B",
+              give="text_encoder=DIR",
+          ),
+      )
+  )
   if p.evals:
     c.evals.recon = ml_collections.ConfigDict(
         dict(metric="recon", stage="rapd_stage1", every=c.get_ref("checkpoint_every"), num=8)

@@ -9,6 +9,7 @@ import sys
 import traceback
 
 from absl import flags
+from ml_collections.config_flags import config_flags
 
 from infdiff.checkpoint import CheckpointError
 from infdiff.render import OutOfMemory
@@ -54,17 +55,78 @@ def _one_line(e: BaseException) -> str:
   return text
 
 
+# config_flags re-raises an error of get_config (e.g. an unknown preset) as this line
+# followed by the traceback.
+_WRAPPED = "Error whilst parsing config file:"
+
+
+def _innermost(e: BaseException) -> BaseException:
+  seen = {id(e)}
+  while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+    seen.add(id(inner))
+    e = inner
+  return e
+
+
+def _config_flags(flag_values) -> list[str]:
+  """Names of the flags that load a config file (config_flags.DEFINE_config_file)."""
+  return [
+      name
+      for name in flag_values
+      if isinstance(flag_values[name].parser, config_flags.ConfigFileFlagParser)
+  ]
+
+
+def _missing_config_file(argv, flag_values) -> str | None:
+  """`--config=FILE[:preset]` naming no file, as one line; None when every file exists.
+
+  config_flags defers a config file's load error to the first use of the config, where
+  it surfaces as a traceback (or, with --config.* overrides, as a message without the
+  file name), so the file is checked before parsing.
+  """
+  for name in _config_flags(flag_values):
+    for i, arg in enumerate(argv[1:], 1):
+      m = re.fullmatch(rf"--?{re.escape(name)}(?:=(.*))?", arg, re.DOTALL)
+      if m is None:
+        continue
+      value = m.group(1) if m.group(1) is not None else " ".join(argv[i + 1 : i + 2])
+      path = value.split(":", 1)[0]
+      if path and not os.path.isfile(path):
+        problem = "is not a file" if os.path.exists(path) else "not found"
+        return f"--{name}={value}: config file {path!r} {problem}"
+  return None
+
+
+def _deferred_config_error(flag_values) -> str | None:
+  """A config that failed to load for another I/O reason (any attribute access raises)."""
+  for name in _config_flags(flag_values):
+    try:
+      getattr(flag_values[name].value, "_infdiff_probe", None)
+    except OSError as e:
+      lines = [line.strip() for line in str(e.__cause__ or e).splitlines() if line.strip()]
+      return f"--{name}: cannot load the config: {lines[-1] if lines else type(e).__name__}"
+  return None
+
+
 def parse_flags_one_line(argv):
-  """absl flag parsing where any error (unknown config field, bad preset) is one line."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # flags.Error, config errors raised while loading the config
-    cause = e.__cause__ or e.__context__
-    text = _one_line(e)
-    if cause is not None and not text:
-      text = _one_line(cause)
-    print(f"error: {text}", file=sys.stderr)
-    sys.exit(2)
+  """absl flag parsing where any error (unknown config field, bad preset, missing config
+  file) is one line."""
+  text = _missing_config_file(argv, flags.FLAGS)
+  if text is None:
+    try:
+      rest = flags.FLAGS(argv)
+      text = _deferred_config_error(flags.FLAGS)
+      if text is None:
+        return rest
+    except Exception as e:  # flags.Error, config errors raised while loading the config
+      cause = e.__cause__ or e.__context__
+      text = _one_line(e)
+      if cause is not None and not text:
+        text = _one_line(cause)
+      if text.endswith(_WRAPPED):  # get_config's own error is at the end of the chain
+        text = text[: -len(_WRAPPED)] + _one_line(_innermost(e))
+  print(f"error: {text}", file=sys.stderr)
+  sys.exit(2)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 
@@ -83,3 +85,82 @@ def optim_config(lr: float, total_steps: int, warmup: int = 0, schedule: str = "
   o.end_factor = 0.0  # cosine floor as a fraction of lr
   o.frozen = ()  # regexes over '/'-joined param paths that are not updated
   return o
+
+
+def required_path(
+    path: str, *, when: str, stage: str, what: str, give: str, off: str = ""
+) -> ml_collections.ConfigDict:
+  """One entry of `config.required_paths` (see `check_required_paths`).
+
+  Args:
+    path: dotted config field holding the directory, e.g. 'rapd_stage1.lpips_path'.
+    when: dotted field that makes the directory necessary: a number > 0 or a true value
+      (e.g. a loss weight), or 'field=value' for an equality, e.g.
+      'rapd_stage2.text.encoder=qwen3'.
+    stage: the stage that needs it; the entry is skipped unless it is in config.stages.
+    what: what the directory holds, for the message (e.g. 'VGG16-LPIPS').
+    give: how to give it with a preset, e.g. 'lpips=DIR'.
+    off: how to do without it, e.g. 'lpips=none'; '' when there is no such switch.
+
+  Returns:
+    A ConfigDict with these fields.
+  """
+  return ml_collections.ConfigDict(
+      dict(path=path, when=when, stage=stage, what=what, give=give, off=off)
+  )
+
+
+def _field(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _switched_on(config, when: str) -> bool:
+  field, sep, value = when.partition("=")
+  got = _field(config, field)
+  if sep:
+    return str(got) == value
+  if isinstance(got, (int, float)) and not isinstance(got, bool):
+    return got > 0
+  return bool(got)
+
+
+def check_required_paths(config, source: str = "the config") -> None:
+  """Fails on one line naming every checkpoint directory the run needs and lacks.
+
+  Runs before any stage (infdiff/main.py), on the config with its command-line overrides
+  applied, so `--config.rapd_stage1.lpips_path=DIR` satisfies it as well as a preset.
+  A directory is needed when its entry's stage is in `config.stages` and its `when`
+  field is on; it is missing when its field is empty or not a directory. Configs without
+  `required_paths` pass.
+
+  Args:
+    config: the run config; `config.required_paths` maps a name to `required_path(...)`.
+    source: how the message names the config, e.g. 'configs/rapd.py'.
+
+  Raises:
+    ValueError: one line naming every missing directory, how to give each and how to
+      switch off the losses that need them.
+  """
+  stages = tuple(config.stages)
+  entries = [(n, e) for n, e in (config.get("required_paths") or {}).items() if e.stage in stages]
+  entries.sort(key=lambda item: stages.index(item[1].stage))  # in the order the stages run
+  missing, gives, offs = [], [], []
+  for name, e in entries:
+    if not _switched_on(config, e.when):
+      continue
+    path = _field(config, e.path)
+    if path and os.path.isdir(path):
+      continue
+    problem = f"{e.path} not given" if not path else f"{e.path}={path} is not a directory"
+    missing.append(f"{name} ({e.what}: {problem})")
+    for seen, hint in ((gives, e.give), (offs, e.off)):
+      if hint and hint not in seen:
+        seen.append(hint)
+  if missing:
+    msg = f"{source} needs checkpoint directories: {', '.join(missing)}; give them"
+    msg += f" (presets {', '.join(gives)}, or --config.<field>=DIR)" if gives else ""
+    msg += f" or switch the losses off with {', '.join(offs)}" if offs else ""
+    raise ValueError(msg)

@@ -395,9 +395,8 @@ def test_process_shards_are_disjoint(plain):
 def test_config_driven_loader_on_photos():
   cfg = pipeline.default_data_config()
   cfg.source = "photos"
-  cfg.transform_kwargs.enc_size = 16
-  cfg.transform_kwargs.target_window = 8
-  loader = pipeline.make_loader(cfg, global_batch_size=2, seed=0)
+  t = transforms.MultiResCrop(enc_size=16, target_window=8)
+  loader = pipeline.make_loader(cfg, t, global_batch_size=2, seed=0)
   batch = next(loader)
   assert batch["image"].shape == (2, 16, 16, 3) and batch["target"].shape == (2, 8, 8, 3)
   assert set(batch) == {"image", "target", "coord", "cell", "scale"}

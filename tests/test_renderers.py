@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infdiff import fields
+from infdiff import fields, render
 from infdiff.models import swin
 from infdiff.models.edsr import LAST_CONV, EDSREncoder
-from infdiff.models.renderers import CLIF, CQAR, LIIF, make_renderer
+from infdiff.models.renderers import CLIF, CQAR, LIIF, cqar_tokens, make_renderer, unfold_3x3
 
 TINY = {
     "cqar": dict(dim=16, depth=2, num_heads=2, window=4),
@@ -190,6 +190,93 @@ def test_halos_and_alignment():
   assert CQAR(depth=2, window=8).halo() == 8
   assert CLIF().halo() == 8 > CLIF().receptive_radius() == 6
   assert LIIF().halo() == 0 and LIIF().tile_align() == 1
+  # Unfolding widens the latent neighbourhood, not the output one: still no halo.
+  assert LIIF(unfold=True).halo() == 0 and LIIF(unfold=True).tile_align() == 1
+
+
+def test_cqar_tokens_by_hand():
+  """Token contents for a 2x3 latent queried at 5x4 (h != w and H != W catch a transpose)."""
+  h, w, c = 2, 3, 2
+  # Feature of latent cell (r, k) encodes its position: [100 + 10 r + k, -(100 + 10 r + k)],
+  # and the second sample adds 1000, so a wrong cell or a wrong batch row shows.
+  ident = 100.0 + 10.0 * np.arange(h)[:, None] + np.arange(w)[None, :]  # [h, w]
+  latent = np.stack([ident, -ident], -1)[None] + np.array([0.0, 1000.0])[:, None, None, None]
+  coords = np.broadcast_to(fields.coord_grid(5, 4), (2, 5, 4, 2))
+  # Sample 0 is the whole 5x4 render; sample 1 the same window of a 10x8 render's grid
+  # would have another cell: give it cell (2/10, 2/8) to check the per-sample cell.
+  cells = np.array([[2 / 5, 2 / 4], [2 / 10, 2 / 8]], np.float32)
+  tok = np.asarray(cqar_tokens(jnp.asarray(latent, jnp.float32), jnp.asarray(coords), cells))
+  assert tok.shape == (2, 5, 4, c + 6)
+
+  # Rows: x = -0.8, -0.4, 0, 0.4, 0.8 against latent row centres -0.5, 0.5 (0 lies on the
+  # border and goes to the upper cell). Columns: -0.75, -0.25, 0.25, 0.75 against column
+  # centres -2/3, 0, 2/3.
+  row_cell = [0, 0, 1, 1, 1]
+  col_cell = [0, 1, 1, 2]
+  row_off = [-0.3, 0.1, -0.5, -0.1, 0.3]  # (x - v) * h / 2, h / 2 = 1
+  col_off = [-0.125, -0.375, 0.375, 0.125]  # (x - v) * w / 2, w / 2 = 1.5
+  rows_x = [-0.8, -0.4, 0.0, 0.4, 0.8]
+  cols_x = [-0.75, -0.25, 0.25, 0.75]
+  cell_units = [(0.4, 0.75), (0.2, 0.375)]  # c * (h, w) / 2
+  for b in range(2):
+    for i in range(5):
+      for j in range(4):
+        f = 100.0 + 10.0 * row_cell[i] + col_cell[j]
+        want = [
+            f + 1000.0 * b,
+            -f + 1000.0 * b,
+            row_off[i],
+            col_off[j],
+            *cell_units[b],
+            rows_x[i],
+            cols_x[j],
+        ]
+        np.testing.assert_allclose(tok[b, i, j], want, atol=1e-6, err_msg=f"query {b, i, j}")
+
+
+def test_unfold_3x3_by_hand():
+  b, h, w, c = 2, 3, 4, 2
+  latent = np.asarray(jax.random.normal(jax.random.key(0), (b, h, w, c)))
+  got = np.asarray(unfold_3x3(jnp.asarray(latent)))
+  assert got.shape == (b, h, w, 9 * c)
+  want = np.zeros((b, h, w, 9 * c), np.float32)
+  for i in range(h):
+    for j in range(w):
+      for ch in range(c):
+        for dy in range(3):
+          for dx in range(3):
+            y, x = i + dy - 1, j + dx - 1
+            inside = 0 <= y < h and 0 <= x < w  # zero padding beyond the border (LIIF)
+            want[:, i, j, ch * 9 + dy * 3 + dx] = latent[:, y, x, ch] if inside else 0.0
+  np.testing.assert_array_equal(got, want)
+
+
+def test_liif_unfold_feeds_the_unfolded_latent():
+  """LIIF(unfold=True) on z equals the plain LIIF on unfold_3x3(z) with the same weights."""
+  latent = jax.random.normal(jax.random.key(0), (2, 6, 5, 4))
+  coords, cells = _queries(2, 11, 13)
+  unfolded = LIIF(hidden=(16, 16), unfold=True)
+  variables = jax.jit(unfolded.init)(jax.random.key(1), latent, coords, cells)
+  assert variables["params"]["fc0"]["kernel"].value.shape == (9 * 4 + 4, 16)
+  got = unfolded.apply(variables, latent, coords, cells)
+  want = LIIF(hidden=(16, 16)).apply(variables, unfold_3x3(latent), coords, cells)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_liif_unfold_tiled_equals_untiled():
+  model = LIIF(hidden=(16,), unfold=True, rgb_base="bicubic")
+  latent = jax.random.normal(jax.random.key(0), (2, 7, 9, 4))
+  hh, ww = 75, 97
+  coords, cells = _queries(2, hh, ww)
+  variables = jax.jit(model.init)(jax.random.key(1), latent, coords[:, :8, :8], cells)
+  full = np.asarray(jax.jit(model.apply)(variables, latent, coords, cells))
+  fn = render.RendererFn(model)
+  tiled = render.render_image(fn, variables, latent, hh, ww, tile=32)
+  np.testing.assert_allclose(tiled, full, atol=1e-5, rtol=0)
+  # A crop needs no halo either: the unfolding reaches into the latent, which every tile
+  # sees whole.
+  raw = render.render_crop(fn, variables, latent, hh, ww, 30, 41, 20, 25)
+  np.testing.assert_allclose(np.asarray(raw), full[:, 30:50, 41:66], atol=1e-5)
 
 
 def test_liif_is_continuous_across_latent_cell_borders():
@@ -254,13 +341,18 @@ def test_interpolate_latent_matches_resize_and_hits_cell_centres(kind, method):
     fields.interpolate_latent(latent, coords, "lanczos")
 
 
-@pytest.mark.parametrize("name", ["cqar", "liif", "clif"])
-def test_rgb_base_adds_interpolated_projection(name):
-  """rgb_base adds bicubic(Linear(z)) at the queries; CQAR's zero head starts as the base."""
+@pytest.mark.parametrize(
+    "name,extra", [("cqar", {}), ("liif", {}), ("liif", {"unfold": True}), ("clif", {})]
+)
+def test_rgb_base_adds_interpolated_projection(name, extra):
+  """rgb_base adds bicubic(Linear(z)) at the queries; CQAR's zero head starts as the base.
+
+  With LIIF's unfolding the base still projects the latent itself, not the unfolded one.
+  """
   latent = jax.random.normal(jax.random.key(0), (2, 6, 5, 4))
   coords, cells = _queries(2, 11, 13)
-  plain = make_renderer(name, **TINY[name])
-  based = make_renderer(name, **TINY[name], rgb_base="bicubic")
+  plain = make_renderer(name, **TINY[name], **extra)
+  based = make_renderer(name, **TINY[name], **extra, rgb_base="bicubic")
   variables = based.init(jax.random.key(1), latent, coords, cells)
   params = nn.unbox(variables)["params"]
   proj = params.pop("rgb_base")

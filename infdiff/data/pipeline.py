@@ -71,11 +71,6 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.max_decode_retries = 16  # consecutive undecodable files tolerated before an error
   c.keep_strings = False  # keep 'caption'/'id' in batches as numpy object arrays
   c.drop_remainder = True  # drop a last partial batch (finite epochs only)
-  c.transform = "multires_crop"  # transform by name (transforms.TRANSFORMS)
-  # Keyword arguments of the transform; see transforms.MultiResCrop.
-  c.transform_kwargs = ml_collections.ConfigDict(
-      {"enc_size": 64, "s_max": 4.0, "target_window": 32}
-  )
   # Extra source options: 'shapes' size/num_scenes/seed, 'photos' include_gray,
   # 'tfds:' image_feature/caption_feature.
   c.source_kwargs = ml_collections.ConfigDict()
@@ -90,17 +85,6 @@ def _get(cfg, name: str):
   if name in cfg:
     return cfg[name]
   return default_data_config()[name]
-
-
-def _transform_kwargs(data_cfg, name: str) -> dict[str, Any]:
-  """The config's transform kwargs when they belong to transform `name`, else {}."""
-  if name != _get(data_cfg, "transform"):
-    return {}  # the kwargs in the config are for another transform
-  if "transform_kwargs" in data_cfg:
-    return dict(data_cfg["transform_kwargs"] or {})
-  # No kwargs given: the defaults only fit the default transform.
-  default = default_data_config()
-  return dict(default.transform_kwargs) if name == default.transform else {}
 
 
 def source_from_config(data_cfg, *, split: str | None = None) -> Any:
@@ -239,7 +223,7 @@ class Loader:
 
 def make_loader(
     data_cfg,
-    transform: Callable | str | None = None,
+    transform: Callable | str,
     *,
     global_batch_size: int,
     seed: int,
@@ -254,8 +238,8 @@ def make_loader(
   Args:
     data_cfg: a data ConfigDict or dict (see `default_data_config`; missing fields take
       the defaults).
-    transform: a callable `(record, rng, batch_rng) -> record`, a registered transform
-      name, or None for `data_cfg.transform` with `data_cfg.transform_kwargs`.
+    transform: a callable `(record, rng, batch_rng) -> record` (a method's
+      `data_transform(split)`), or a registered transform name, built with its defaults.
     global_batch_size: rows per step over all processes; must divide by process_count.
     seed: shuffle and augmentation seed.
     split: overrides `data_cfg.split` (e.g. 'eval').
@@ -284,10 +268,8 @@ def make_loader(
     raise ValueError(
         f"data source of {len(source)} records has no shard for process {process_index}"
     )
-  if transform is None:
-    transform = _get(data_cfg, "transform")
   if isinstance(transform, str):
-    transform = transforms_lib.make_transform(transform, **_transform_kwargs(data_cfg, transform))
+    transform = transforms_lib.make_transform(transform)
 
   read = _ReadRecord(
       source=source,

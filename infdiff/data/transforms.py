@@ -7,7 +7,8 @@ A transform is a callable `t(record, rng, batch_rng) -> record` on decoded recor
   batch_rng  a Generator shared by every row of one global batch (seeded from the pipeline
              seed and the batch index only, so equal on every host), for choices that must
              be equal across a batch, such as an output shape.
-Pick one by name with `make_transform(config.data.transform, **config.data.transform_kwargs)`.
+Each training method builds its own (`Method.data_transform`); `make_transform(name,
+**kwargs)` builds a registered one by name.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ TRANSFORMS: dict[str, Callable[..., Any]] = {
 
 
 def make_transform(name: str, **kwargs) -> Callable:
-  """Builds a registered transform by name (`config.data.transform`) with its kwargs."""
+  """Builds a registered transform (`TRANSFORMS`) by name with its kwargs."""
   if name not in TRANSFORMS:
     raise ValueError(f"unknown transform {name!r}; known: {', '.join(sorted(TRANSFORMS))}")
   if "scales" in kwargs and kwargs["scales"] is not None:

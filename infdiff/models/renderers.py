@@ -60,6 +60,45 @@ def _latent_units(latent: jax.Array, coords: jax.Array, cells: jax.Array) -> jax
   return jnp.broadcast_to(rel[:, None, None, :], coords.shape)
 
 
+def cqar_tokens(latent: jax.Array, coords: jax.Array, cells: jax.Array) -> jax.Array:
+  """CQAR's query tokens `[z(v*), (x_q - v*) (h, w) / 2, c_q (h, w) / 2, x_q]` (App. B.4).
+
+  Args:
+    latent: [B, h, w, C] feature grid.
+    coords: [B, H, W, 2] query coordinates x_q (row, col).
+    cells: [B, 2] pixel cell c_q of the full render the queries belong to.
+
+  Returns:
+    [B, H, W, C + 6] in coords' dtype: the feature of the nearest latent cell v*, the
+    offset to that cell's centre and the query cell, both in latent-cell units, and the
+    absolute coordinate.
+  """
+  q = fields.nearest_latent(latent, coords)
+  return jnp.concatenate(
+      [q.feature.astype(coords.dtype), q.offset, _latent_units(latent, coords, cells), coords],
+      axis=-1,
+  )
+
+
+def unfold_3x3(latent: jax.Array) -> jax.Array:
+  """LIIF's feature unfolding: each cell's feature becomes its 3x3 neighbourhood.
+
+  Zero padding beyond the border (`F.unfold(feat, 3, padding=1)` in LIIF), channels in
+  PyTorch's unfold order: output channel `c * 9 + 3 * dy + dx` holds channel c of the
+  neighbour at row offset dy - 1 and column offset dx - 1.
+
+  Args:
+    latent: [B, h, w, C].
+
+  Returns:
+    [B, h, w, 9 C].
+  """
+  b, h, w, c = latent.shape
+  padded = jnp.pad(latent, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, h + 2, w + 2, C]
+  taps = [padded[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+  return jnp.stack(taps, axis=-1).reshape(b, h, w, 9 * c)  # [B, h, w, C, 9] -> [.., 9 C]
+
+
 def _add_rgb_base(rgb, latent, coords, kind, dtype, param_dtype):
   """Global residual: rgb + interpolation of a learned linear RGB projection of the latent.
 
@@ -119,11 +158,7 @@ class CQAR(nn.Module):
     if self.window % 2:
       raise ValueError(f"window must be even for the w/2 shift, got {self.window}")
     b, hq, wq, _ = coords.shape
-    q = fields.nearest_latent(latent, coords)
-    tokens = jnp.concatenate(
-        [q.feature.astype(coords.dtype), q.offset, _latent_units(latent, coords, cells), coords],
-        axis=-1,
-    )  # [B, H, W, C + 6]
+    tokens = cqar_tokens(latent, coords, cells)  # [B, H, W, C + 6]
     x = _dense(self.dim, ("latent", "embed"), self.dtype, self.param_dtype, "embed")(tokens)
     if valid is None:
       valid = jnp.ones((b, hq, wq), bool)
@@ -156,10 +191,16 @@ class LIIF(nn.Module):
   For each query, the four latent cells around it (shifts of +-0.5 cell) each predict
   RGB from `[z(v), (x_q - v) (h, w) / 2, c_q (h, w) / 2]` with a pointwise MLP; the
   predictions are blended with the area of the rectangle to the diagonally opposite
-  neighbour, i.e. bilinear-like weights. Pointwise, so tiles need no halo.
+  neighbour, i.e. bilinear-like weights. With `unfold`, z(v) is the 3x3 neighbourhood of
+  the latent cell v concatenated (LIIF's `feat_unfold`, `unfold_3x3`). Pointwise in the
+  queries, so tiles need no halo: unfolding reaches one cell of the latent, and every
+  tile sees the whole latent.
   """
 
   hidden: tuple[int, ...] = (256, 256, 256, 256)  # MLP hidden widths (LIIF's default)
+  # 3x3 feature unfolding (LIIF's default feat_unfold). Off here so that runs saved before
+  # the option existed load unchanged; configs/rapd.py turns it on.
+  unfold: bool = False
   rgb_base: str = "none"  # residual base: 'none' | 'bilinear' | 'bicubic' (choice)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
@@ -177,14 +218,15 @@ class LIIF(nn.Module):
     """Renders a grid of queries; `valid` is accepted for the interface and unused."""
     del valid
     rel_cell = _latent_units(latent, coords, cells)
+    feat = unfold_3x3(latent) if self.unfold else latent  # [B, h, w, C'] (C' = 9 C unfolded)
     inputs, areas = [], []
     # Order (-,-), (-,+), (+,-), (+,+): index 3 - k is the diagonal partner of k.
     for dy in (-0.5, 0.5):
       for dx in (-0.5, 0.5):
-        q = fields.nearest_latent(latent, coords, shift=(dy, dx))
+        q = fields.nearest_latent(feat, coords, shift=(dy, dx))
         inputs.append(jnp.concatenate([q.feature.astype(coords.dtype), q.offset, rel_cell], -1))
         areas.append(jnp.abs(q.offset[..., 0] * q.offset[..., 1]) + 1e-9)  # [B, H, W]
-    h = jnp.stack(inputs)  # [4, B, H, W, C + 4]
+    h = jnp.stack(inputs)  # [4, B, H, W, C' + 4]
     in_axis = "latent"
     for i, width in enumerate(self.hidden):
       out_axis = "mlp" if i % 2 == 0 else "embed"
