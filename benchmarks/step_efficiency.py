@@ -9,12 +9,17 @@ infdiff.train.make_train_step under jit with a donated state) this prints
 next to the same ratio for a plain Flax pre-LN transformer step (Adam), the reference
 for what a dense model reaches on this machine. Targets: stage 2 >= 0.7, stage 1 >= 0.4.
 
-Usage: python -m benchmarks.step_efficiency [--quick]
+Usage: python -m benchmarks.step_efficiency [--quick] [--stages stage1] [--distill]
+
+--distill turns stage 1's semantic distillation on (RaPD Eq. 9, the adaptive-weight path)
+against a tiny random DINOv2 teacher written to a temporary directory: the teacher's own
+cost is negligible, so the step time is that of the student's loss and its w_ada.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 import flax.linen as nn
@@ -96,6 +101,9 @@ def main(argv=None, config=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="fewer repeats, tiny reference (smoke test)")
   ap.add_argument("--stages", default="stage1,stage2", help="train steps to measure")
+  ap.add_argument(
+      "--distill", action="store_true", help="stage 1 with distillation (tiny random teacher)"
+  )
   args = ap.parse_args(argv)
   stages = args.stages.split(",")
   steps, repeats = (1, 2) if args.quick else (3, 5)
@@ -103,6 +111,14 @@ def main(argv=None, config=None) -> dict:
 
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
+    if args.distill:
+      from infdiff.pretrained import testing
+
+      config = common.load_config("demo") if config is None else config
+      config.rapd_stage1.distill.weight = 0.1  # w_hyper (Table 5)
+      config.rapd_stage1.distill.teacher_path = testing.write_tiny_dinov2(
+          os.path.join(tmp, "dinov2")
+      )
     config, s1, m2 = common.demo_runs(tmp, config, stage1_step="stage1" in stages)
     c1, c2 = config.rapd_stage1, config.rapd_stage2
     s2 = common.StepBench(m2, config, common.stage2_batch(m2)) if "stage2" in stages else None
@@ -111,7 +127,7 @@ def main(argv=None, config=None) -> dict:
             "stage1",
             s1,
             f"EDSR+CQAR{c1.renderer.dim} r={c1.enc_size} P={c1.target_window} "
-            f"B={c1.batch_size}",
+            f"B={c1.batch_size}" + (" +distill" if c1.distill.weight > 0 else ""),
         ),
         (
             "stage2",

@@ -202,7 +202,8 @@ def get_config(arg=None):
   # Cosine schedules end with the run, whatever --config.total_steps says.
   c.rapd_stage1.optim.decay_steps = c.rapd_stage1.get_ref("total_steps")
   c.rapd_stage2.optim.decay_steps = c.get_ref("total_steps")
-  c.ema_decay = 0.9999  # Table 5
+  c.ema_decay = 0.9999  # Table 5 (stage 2); stages without their own ema_decay follow it
+  c.rapd_stage1.ema_decay = 0.0  # Table 5 lists EMA for stage 2 only (0 = no EMA copy)
   # Checkpoint directories, checked together before any stage starts (infdiff/main.py,
   # config_lib.check_required_paths): each is needed while its `when` field is on and its
   # stage runs. The demo's weights stay 0 without directories, so it needs none.
@@ -255,5 +256,10 @@ def get_config(arg=None):
     c.checkpoint_every = 500
     c.log_every = 50
     c.ema_decay = 0.999
+    # Unlike Table 5 the demo's stage 1 keeps an EMA (0.999, as before per-stage EMA), so the
+    # README's stage-1 numbers stay reproducible. It does not improve them: the cosine decay
+    # to lr 0 already settles the params (4500 steps, held-out recon at 1x/2x/4x: EMA
+    # 38.85/33.62/31.14 dB, raw params 38.92/33.62/31.14 dB; one run).
+    c.rapd_stage1.ema_decay = 0.999
     c.mesh = (-1, 1, 1)
   return c

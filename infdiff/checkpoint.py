@@ -1,7 +1,8 @@
 """Orbax checkpoints of the whole train state plus the data-iterator state.
 
-One checkpoint holds params, optimiser state, EMA, step and RNG (item 'state') and the
-grain iterator state (item 'data', JSON). Saves are atomic (Orbax writes to a temporary
+One checkpoint holds params, optimiser state, EMA, mutable model state (BatchNorm
+statistics and the like), step and RNG (item 'state') and the grain iterator state
+(item 'data', JSON). Saves are atomic (Orbax writes to a temporary
 directory and renames on commit) and keep the newest `keep` steps. Restoring takes an
 abstract state whose leaves carry the target shardings, so a checkpoint written on one
 mesh restores onto any other mesh or device count.
@@ -9,6 +10,7 @@ mesh restores onto any other mesh or device count.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -59,19 +61,43 @@ def abstract_with_shardings(abstract_state, shardings):
   )
 
 
+def _saved_fields(mngr: ocp.CheckpointManager, step: int) -> set[str] | None:
+  """Top-level names of the saved state at `step` (None if its metadata is unreadable)."""
+  try:
+    path = os.path.join(str(mngr.directory), str(step), "state")
+    return set(ocp.StandardCheckpointer().metadata(path).item_metadata.keys())
+  except Exception:  # restore reports a real problem
+    return None
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
-  """Restores (state, data_state) at `step` onto the shardings in `abstract_state`."""
+  """Restores (state, data_state) at `step` onto the shardings in `abstract_state`.
+
+  A checkpoint written before a state field existed (e.g. `model_state`, empty for
+  methods without mutable state) restores too when that field is empty in the target.
+  """
+  target, missing = abstract_state, []
+  if dataclasses.is_dataclass(abstract_state):
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    saved = _saved_fields(mngr, step)
+    if saved is not None:
+      missing = [k for k, v in fields.items() if k not in saved and isinstance(v, dict) and not v]
+    if missing:  # the same tree without those fields, as a dict of the dataclass's fields
+      target = {k: v for k, v in fields.items() if k not in missing}
   try:
     out = mngr.restore(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
         ),
     )
   except Exception as e:  # Orbax raises many types; report one line.
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise CheckpointError(f"cannot restore step {step} from {mngr.directory}: {msg}") from e
-  return out["state"], _decode_data_state(out["data"])
+  state = out["state"]
+  if missing:
+    state = abstract_state.replace(**state, **{k: {} for k in missing})
+  return state, _decode_data_state(out["data"])
 
 
 def restore_params_only(directory: str, abstract_state=None, step: int | None = None):

@@ -68,6 +68,22 @@ def logical_shardings(boxed_tree, mesh, rules):
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def put_logical(tree, mesh, rules):
+  """Places a host tree on the mesh by logical names: (arrays, their NamedShardings).
+
+  Leaves boxed with `nn.LogicallyPartitioned` are split by `rules` as parameters are;
+  unboxed leaves (numpy or jax arrays, Python scalars) are replicated. The trainer places
+  a method's frozen inputs (`Method.prepare`) this way.
+  """
+  is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
+
+  def spec(x):
+    return nn.logical_to_mesh_axes(x.names, rules) if is_boxed(x) else P()
+
+  shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), tree, is_leaf=is_boxed)
+  return jax.device_put(nn.unbox(tree), shardings), shardings
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

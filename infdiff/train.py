@@ -38,9 +38,12 @@ class TrainState:
   step: jax.Array  # [] int32
   params: dict  # group -> params tree
   opt_state: dict  # group -> optax state
-  ema: dict  # group -> EMA params tree (ema_groups only)
+  ema: dict  # group -> EMA params tree (ema_groups only; {} when the stage keeps no EMA)
   rng: jax.Array  # [2] uint32 base key; per-step keys are fold_in(rng, step)
   nonfinite: jax.Array  # [] int32 consecutive steps skipped for a non-finite loss
+  # group -> {collection: tree} of non-trained model variables (BatchNorm statistics, EMA
+  # codebooks), updated by the losses; {} for methods without any (see methods/base.py).
+  model_state: dict = dataclasses.field(default_factory=dict)
 
 
 class Preempted(Exception):
@@ -87,6 +90,9 @@ class _SignalFlag:
 
 def train_and_evaluate(config, workdir: str) -> None:
   """Runs every stage in `config.stages`; each resumes from its own checkpoints."""
+  from infdiff import config_lib
+
+  config_lib.check_required_paths(config, "the config")  # every missing directory at once
   os.makedirs(workdir, exist_ok=True)
   utils.add_log_file(os.path.join(workdir, "train.log"))
   utils.enable_compilation_cache(config.get("compilation_cache_dir", ""))
@@ -109,6 +115,36 @@ def _make_loader(config, stage_cfg, transform, split, seed, num_epochs=None, bat
   )
 
 
+def stage_ema_decay(config, stage: str) -> float:
+  """EMA decay of one stage: `config.<stage>.ema_decay` if the stage sets it, else ema_decay.
+
+  0 means the stage keeps no EMA copy (TrainState.ema is empty; inference uses params).
+  """
+  decay = config[stage].get("ema_decay", None)
+  return float(config.get("ema_decay", 0.0) if decay is None else decay)
+
+
+def ema_groups(method, config) -> tuple[str, ...]:
+  """The groups with an EMA copy: the method's ema_groups unless the stage's decay is 0."""
+  return tuple(method.ema_groups) if stage_ema_decay(config, method.stage) > 0 else ()
+
+
+def split_variables(variables, groups) -> tuple[dict, dict]:
+  """(params, model_state) from `Method.init`'s output, either form (see methods/base.py)."""
+  if "params" in variables and "params" not in groups:
+    params, state = variables["params"], dict(variables.get("state", {}))
+    extra = set(variables) - {"params", "state"}
+    if extra:
+      raise ValueError(f"Method.init returned unknown keys {sorted(extra)}; use params/state")
+  else:
+    params, state = variables, {}
+  if set(params) != set(groups):
+    raise ValueError(f"Method.init returned groups {sorted(params)}, expected {sorted(groups)}")
+  if not set(state) <= set(groups):
+    raise ValueError(f"Method.init state names unknown groups {sorted(set(state) - set(groups))}")
+  return params, state
+
+
 def build_state(method, config, mesh, rules, first_batch, materialize=True):
   """eval_shape -> shardings -> jit(init). Returns (state, state_shardings, txs).
 
@@ -123,18 +159,24 @@ def build_state(method, config, mesh, rules, first_batch, materialize=True):
   def dummy_batch():  # zeros of the batch's shapes, built inside the traced init
     return {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
 
-  abstract_vars = jax.eval_shape(lambda r: method.init(r, dummy_batch()), init_rng)
-  txs = {g: optim_lib.make_optimizer(method.optimizer_config(g), abstract_vars[g]) for g in groups}
+  abstract_params, _ = split_variables(
+      jax.eval_shape(lambda r: method.init(r, dummy_batch()), init_rng), groups
+  )
+  txs = {
+      g: optim_lib.make_optimizer(method.optimizer_config(g), abstract_params[g]) for g in groups
+  }
+  with_ema = ema_groups(method, config)
 
   def init_fn(r):
-    variables = method.init(r, dummy_batch())  # boxed with logical names
+    params, model_state = split_variables(method.init(r, dummy_batch()), groups)  # boxed
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params={g: variables[g] for g in groups},
-        opt_state={g: txs[g].init(variables[g]) for g in groups},
-        ema={g: jax.tree.map(lambda x: x, variables[g]) for g in method.ema_groups},
+        params={g: params[g] for g in groups},
+        opt_state={g: txs[g].init(params[g]) for g in groups},
+        ema={g: jax.tree.map(lambda x: x, params[g]) for g in with_ema},
         rng=train_rng,
         nonfinite=jnp.zeros((), jnp.int32),
+        model_state=model_state,
     )
 
   with mesh, nn.logical_axis_rules(rules):
@@ -147,41 +189,73 @@ def build_state(method, config, mesh, rules, first_batch, materialize=True):
   return nn.unbox(state), shardings, txs
 
 
+def _merge_state(model_state, updates, group):
+  """model_state with the {group: {collection: tree}} `updates` of `group`'s loss written in."""
+  if not isinstance(updates, dict):
+    raise TypeError(f"the {group!r} loss returned state updates of type {type(updates)}")
+  out = dict(model_state)
+  for g, cols in updates.items():
+    for name, tree in cols.items():
+      if name not in out.get(g, {}):
+        raise ValueError(
+            f"the {group!r} loss updated {g}/{name}, which Method.init did not return as state"
+        )
+      old = out[g][name]
+      if jax.tree.structure(tree) != jax.tree.structure(old) or any(
+          a.shape != b.shape for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(old))
+      ):
+        raise ValueError(f"the {group!r} loss changed the structure or shapes of {g}/{name}")
+      out[g] = {**out[g], name: jax.tree.map(lambda n, o: n.astype(o.dtype), tree, old)}
+  return out
+
+
 def make_train_step(method, txs, config):
-  """The step: per group value_and_grad -> optax update; EMA; skip non-finite updates."""
-  ema_decay = config.get("ema_decay", 0.0)
+  """The step: per group value_and_grad -> optax update; state updates; EMA; skip non-finite."""
+  ema_decay = stage_ema_decay(config, method.stage)
+  with_ema = ema_groups(method, config)
 
   def train_step(state: TrainState, batch, aux):
     rng = jax.random.fold_in(state.rng, state.step)
     params = dict(state.params)
     opt_state = dict(state.opt_state)
+    model_state = dict(state.model_state)
     metrics = {}
     finite = jnp.array(True)
     for i, g in enumerate(method.groups):
       g_rng = jax.random.fold_in(rng, i)
+      # Methods with mutable state get it as a keyword; the others keep the old signature.
+      kw = {"state": model_state} if model_state else {}
 
-      def loss_fn(p, g=g, g_rng=g_rng):
-        return method.loss(g, {**params, g: p}, aux, batch, g_rng, state.step)
+      def loss_fn(p, g=g, g_rng=g_rng, kw=kw):
+        out = method.loss(g, {**params, g: p}, aux, batch, g_rng, state.step, **kw)
+        loss, m, *updates = out  # (loss, metrics) or (loss, metrics, state updates)
+        return loss, (m, updates[0] if updates else {})
 
-      (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[g])
-      updates, new_opt = txs[g].update(grads, opt_state[g], params[g])
-      new_params = optax.apply_updates(params[g], updates)
+      (loss, (m, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[g])
+      updates_tx, new_opt = txs[g].update(grads, opt_state[g], params[g])
+      new_params = optax.apply_updates(params[g], updates_tx)
       grad_norm = optax.tree.norm(grads)
       g_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       finite = finite & g_finite
       params[g], opt_state[g] = new_params, new_opt
+      model_state = _merge_state(model_state, updates, g)
       metrics[f"{g}/loss"] = loss
       metrics[f"{g}/grad_norm"] = grad_norm
       metrics.update({f"{g}/{k}": v for k, v in m.items()})
 
     ema = {
-        g: optim_lib.ema_update(state.ema[g], params[g], ema_decay, state.step)
-        for g in method.ema_groups
+        g: optim_lib.ema_update(state.ema[g], params[g], ema_decay, state.step) for g in with_ema
     }
     new = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, ema=ema, nonfinite=jnp.int32(0)
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        ema=ema,
+        nonfinite=jnp.int32(0),
+        model_state=model_state,
     )
-    # A non-finite loss or gradient leaves the state unchanged except step and counter.
+    # A non-finite loss or gradient leaves the state unchanged (params, optimiser, EMA and
+    # model state) except step and counter.
     skipped = state.replace(step=state.step + 1, nonfinite=state.nonfinite + 1)
     out = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, skipped)
     metrics["nonfinite_skipped"] = 1.0 - finite.astype(jnp.float32)
@@ -251,7 +325,7 @@ def _train_stage(config, stage, workdir, method, mngr, data_iter):
   if cfg.batch_size % dp:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {dp} data-parallel devices")
 
-  aux = method.prepare(mesh)
+  aux = method.prepare(mesh, training=True)
   # A resumed run restores straight into the target shardings, without initialising.
   state, shardings, txs = build_state(
       method, config, mesh, rules, host_first, materialize=latest is None
@@ -272,8 +346,8 @@ def _train_stage(config, stage, workdir, method, mngr, data_iter):
   batch_shardings = {
       k: shard_lib.batch_sharding(mesh, np.asarray(v).ndim) for k, v in host_first.items()
   }
-  aux_shardings = jax.tree.map(lambda x: shard_lib.replicated(mesh), aux)
-  aux = jax.device_put(aux, aux_shardings)
+  # Frozen inputs are placed like parameters: boxed leaves by their logical names.
+  aux, aux_shardings = shard_lib.put_logical(aux, mesh, rules)
   step_fn = jax.jit(
       make_train_step(method, txs, config),
       in_shardings=(shardings, batch_shardings, aux_shardings),

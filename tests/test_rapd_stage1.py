@@ -89,8 +89,8 @@ def test_adaptive_weight_equals_ratio_of_gradient_norms(tmp_path):
     f = m.teacher.apply(t, batch["image"])["patch_tokens"].reshape(2, 4, -1)
     return distill.distill_loss(h, f, 0.5, 0.25)[0]
 
-  g_rec = jax.grad(rec)(p)["enc"]["last_conv"]
-  g_dis = jax.grad(dis)(p)["enc"]["last_conv"]
+  g_rec = jax.grad(rec)(p)["enc"]["last_conv"]["kernel"]  # theta_L: the last conv's kernel
+  g_dis = jax.grad(dis)(p)["enc"]["last_conv"]["kernel"]
   want = optax.tree.norm(g_rec) / (optax.tree.norm(g_dis) + 1e-6)
   assert float(metrics["w_ada"]) == pytest.approx(float(want), rel=1e-4)
   assert float(loss) == pytest.approx(float(rec(p) + 0.1 * want * dis(p)), rel=1e-4)
@@ -103,6 +103,41 @@ def test_adaptive_weight_equals_ratio_of_gradient_norms(tmp_path):
       rtol=1e-3,
       atol=1e-6,
   )
+
+
+def test_loss_runs_encoder_and_renderer_once(tmp_path, monkeypatch):
+  """The whole distillation loss (w_ada included) traces one encode, render and project."""
+  from infdiff.pretrained import testing
+
+  c = _config(teacher=testing.write_tiny_dinov2(str(tmp_path / "dino")))
+  m = Method(c, "rapd_stage1", str(tmp_path / "w"))
+  batch = _batch()
+  params = {"model": nn.unbox(m.init(jax.random.PRNGKey(0), batch)["model"])}
+  aux = m.prepare(None)
+  calls = []
+  apply = m.model.apply
+
+  def counting_apply(variables, *args, method=None, **kw):
+    calls.append(method)
+    return apply(variables, *args, method=method, **kw)
+
+  monkeypatch.setattr(m.model, "apply", counting_apply)
+  grad = jax.grad(lambda p: m.loss("model", {"model": p}, aux, batch, None, 0)[0])
+  jax.eval_shape(grad, params["model"])
+  assert sorted(calls) == ["encode", "project", "render"]
+
+
+def test_prepare_for_inference_skips_teacher_and_lpips(tmp_path):
+  from infdiff.pretrained import testing
+
+  c = _config(
+      teacher=testing.write_tiny_dinov2(str(tmp_path / "dino")),
+      lpips=testing.write_tiny_lpips_vgg16(str(tmp_path / "lpips")),
+  )
+  m = Method(c, "rapd_stage1", str(tmp_path / "w"))
+  assert set(m.prepare(None)) == {"teacher", "lpips"}
+  assert set(m.prepare(None, training=True)) == {"teacher", "lpips"}
+  assert m.prepare(None, training=False) == {}
 
 
 def test_set_get_last_layer_roundtrip():

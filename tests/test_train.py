@@ -262,7 +262,10 @@ def test_training_on_messy_folder_counts_skipped_files(tmp_path):
       "--config.rapd_stage1.stats_images=20",
       *tiny.steps(4),
       "--config.log_every=4",
+      "--config.rapd_stage1.ema_decay=0",  # also the no-EMA path: stats from the params
   )
+  saved, _ = ckpt_lib.restore_params_only(str(w / "rapd_stage1" / "checkpoints"))
+  assert saved["ema"] == {} and saved["params"]["model"]
   # Fewer valid images than one statistics batch: the pass repeats the set (new crops).
   stats = json.loads((w / "rapd_stage1" / "latent_stats.json").read_text())
   assert stats["count"] == 20 * 16 * 16  # stats_images x enc_size^2 latents
@@ -303,3 +306,53 @@ def test_stage_steps_follow_the_stage_config():
   c.rapd_stage1.total_steps = 7
   assert train.stage_steps(c, "rapd_stage1") == 7 and c.rapd_stage1.optim.decay_steps == 7
   assert train.stage_steps(rapd.get_config(""), "rapd_stage1") == 10_000
+
+
+def test_stage_ema_follows_table5():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("rapd_cfg", os.path.join(ROOT, "configs/rapd.py"))
+  rapd = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(rapd)
+  paper, demo = rapd.get_config(""), rapd.get_config("demo")
+  assert train.stage_ema_decay(paper, "rapd_stage1") == 0.0  # Table 5: EMA in stage 2 only
+  assert train.stage_ema_decay(paper, "rapd_stage2") == 0.9999
+  assert train.stage_ema_decay(demo, "rapd_stage1") == train.stage_ema_decay(demo, "rapd_stage2")
+  assert train.stage_ema_decay(demo, "rapd_stage1") == 0.999
+
+
+def test_checkpoint_without_model_state_restores(tmp_path):
+  """A checkpoint from before TrainState.model_state restores into an empty model_state."""
+  import flax
+
+  @flax.struct.dataclass
+  class OldTrainState:  # TrainState as it was, without model_state
+    step: jax.Array
+    params: dict
+    opt_state: dict
+    ema: dict
+    rng: jax.Array
+    nonfinite: jax.Array
+
+  import optax
+
+  params = {"model": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  opt = {"model": optax.adam(1e-3).init(params["model"])}
+  old = OldTrainState(np.int32(4), params, opt, {}, np.zeros(2, np.uint32), np.int32(0))
+  m = ckpt_lib.manager(tmp_path / "ck")
+  ckpt_lib.save(m, 4, old, {"pos": 1})
+  m.wait_until_finished()
+  new = train.TrainState(**{f: getattr(old, f) for f in old.__dataclass_fields__})
+  assert new.model_state == {}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), new)
+  restored, data = ckpt_lib.restore(m, 4, target)
+  assert isinstance(restored, train.TrainState) and restored.model_state == {}
+  assert data == {"pos": 1} and int(restored.step) == 4
+  chex.assert_trees_all_equal(jax.device_get(restored.opt_state), opt)
+  # A real mismatch is still a one-line CheckpointError.
+  extra = jax.ShapeDtypeStruct((3,), np.float32, sharding=device)
+  bad = target.replace(params={"model": {**target.params["model"], "b": extra}})
+  with pytest.raises(ckpt_lib.CheckpointError, match="cannot restore step 4"):
+    ckpt_lib.restore(m, 4, bad)
+  m.close()

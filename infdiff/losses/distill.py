@@ -1,7 +1,8 @@
 """Semantic distillation of a latent against a frozen vision teacher (RaPD Sec. 3.2).
 
-The cosine-margin and distance-matrix-similarity losses (the VA-VAE "VF loss" pair),
-and the adaptive weight that balances them against reconstruction (RaPD Eq. 9).
+The cosine-margin and distance-matrix-similarity losses (the VA-VAE "VF loss" pair). The
+adaptive weight that balances them against reconstruction (RaPD Eq. 9) is
+`infdiff.losses.adaptive.adaptive_weight`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def _normalize(x, eps=1e-6):
@@ -64,17 +64,3 @@ class DistillProjection(nn.Module):
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
     )(pooled)
-
-
-def adaptive_weight(rec_fn, distill_fn, last_layer, eps: float = 1e-6):
-  """w_ada = ||d L_rec / d theta_L|| / (||d L_distill / d theta_L|| + eps), stop-gradient.
-
-  Args:
-    rec_fn: theta_L -> L_rec with every other input closed over.
-    distill_fn: theta_L -> L_distill likewise.
-    last_layer: the encoder's last conv parameters theta_L (a pytree).
-  """
-  g_rec = jax.grad(rec_fn)(last_layer)
-  g_dis = jax.grad(distill_fn)(last_layer)
-  w = optax.tree.norm(g_rec) / (optax.tree.norm(g_dis) + eps)
-  return jax.lax.stop_gradient(w)

@@ -1,7 +1,8 @@
 """RaPD stage 1: the generation-aware neural-image-field autoencoder (RaPD Sec. 3).
 
 Loss (Eq. 3, 5-6, 9): L = |I_hat - I|_1 + lambda_lpips LPIPS + w_hyper * w_ada * L_distill,
-with w_ada the gradient-norm ratio at the encoder's last conv (stop-gradient).
+with w_ada the gradient-norm ratio at the encoder's last conv (stop-gradient), both norms
+from the loss's one encoder + renderer forward (infdiff.losses.adaptive).
 Training examples come from the multi-resolution crop: the encoder sees an r x r
 area-downsampled crop, the renderer is supervised on (a window of) the crop's full-
 resolution coordinate grid.
@@ -21,6 +22,8 @@ from absl import logging
 from infdiff import checkpoint as ckpt_lib
 from infdiff import fields
 from infdiff.data import transforms
+from infdiff.losses import adaptive
+from infdiff.losses.distill import distill_loss
 from infdiff.methods import base
 from infdiff.models.nif import NIFAutoencoder
 
@@ -41,11 +44,11 @@ def build_model(cfg, teacher_dim: int = 0) -> NIFAutoencoder:
 
 
 def _last_layer_path(params) -> tuple[str, ...]:
-  """Path of the encoder's last conv ('enc/last_conv'), whose grads set w_ada."""
+  """Path of the encoder's last conv kernel ('enc/last_conv/kernel'), theta_L of w_ada."""
   enc = params["enc"]
   if "last_conv" not in enc:
     raise ValueError("the encoder has no 'last_conv' layer for the adaptive weight")
-  return ("enc", "last_conv")
+  return ("enc", "last_conv", "kernel")
 
 
 def _get(tree, path):
@@ -108,8 +111,10 @@ class Method(base.Method):
 
   # --- state ----------------------------------------------------------------------
   def prepare(self, mesh, training=True):
-    del mesh, training  # nothing is loaded unless training (see __init__)
+    del mesh
     aux = {}
+    if not training:  # the teacher and LPIPS only enter the training loss
+      return aux
     if self.teacher is not None:
       aux["teacher"] = self._teacher_params
     if self.lpips is not None:
@@ -150,44 +155,35 @@ class Method(base.Method):
     del group, rng, step
     p = params["model"]
     image, target = batch["image"], batch["target"]
-
-    def forward(p):
+    if self.teacher is None:
       z = self.model.apply({"params": p}, image, method="encode")
       rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
-      return z, rgb
-
-    z, rgb = forward(p)
-    rec, metrics = self._rec_loss(rgb, target, aux)
-    if self.teacher is None:
-      return rec, metrics
+      return self._rec_loss(rgb, target, aux)
 
     d = self.cfg.distill
-    teacher = self._teacher_tokens(aux, image)
+    teacher = self._teacher_tokens(aux, image)  # [B, h*w, D], constant
     hw = self._teacher_hw()
-
-    def distill_of(p):
-      z = self.model.apply({"params": p}, image, method="encode")
-      student = self.model.apply({"params": p}, z, *hw, method="project")
-      from infdiff.losses.distill import distill_loss
-
-      return distill_loss(student.astype(jnp.float32), teacher, d.m1, d.m2)
-
-    dis, dmetrics = distill_of(p)
-    metrics.update(dmetrics)
     path = _last_layer_path(p)
 
-    def rec_at(theta):
-      return self._rec_loss(forward(_set(p, path, theta))[1], target, aux)[0]
+    # One forward: the latent with theta_L in place, then each loss from that latent.
+    def latent_at(theta):
+      z = self.model.apply({"params": _set(p, path, theta)}, image, method="encode")
+      return z, None  # [B, r, r, C]
 
-    def dis_at(theta):
-      return distill_of(_set(p, path, theta))[0]
+    def rec_of(z):
+      rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
+      return self._rec_loss(rgb, target, aux)
 
-    from infdiff.losses.distill import adaptive_weight
+    def distill_of(z):
+      student = self.model.apply({"params": p}, z, *hw, method="project")  # [B, h*w, D]
+      return distill_loss(student.astype(jnp.float32), teacher, d.m1, d.m2)
 
-    w_ada = adaptive_weight(rec_at, dis_at, _get(p, path))
-    metrics["w_ada"] = w_ada
-    metrics["distill"] = dis
-    return rec + d.weight * w_ada * dis, metrics
+    # Eq. 9: w_ada = ||grad L_rec|| / (||grad L_distill|| + 1e-6) at theta_L, stop-gradient.
+    # The clip at 1e4 (the helper's default, VQGAN's) is not in the paper; it only bounds
+    # the weight when the distillation gradient vanishes.
+    ada = adaptive.adaptive_weight(latent_at, rec_of, distill_of, _get(p, path), eps=1e-6)
+    metrics = {**ada.aux_a, **ada.aux_b, "w_ada": ada.weight, "distill": ada.loss_b}
+    return ada.loss_a + d.weight * ada.weight * ada.loss_b, metrics
 
   # --- summaries and after training ---------------------------------------------
   def summaries(self, params, aux, batch, rng):
