@@ -34,9 +34,7 @@ class Autoencoder(base.FieldAutoencoder):
   training-time evaluator reuses the compiled code as the parameters change.
   """
 
-  def __init__(
-      self, model, s1_cfg, params, *, tile=None, batch=None, select=lambda params: params
-  ):
+  def __init__(self, model, s1_cfg, params, *, tile=None, batch=None, select=lambda params: params):
     self.model = model  # NIFAutoencoder without the distillation branch
     self.cfg = s1_cfg
     self.select = select  # the method's parameters -> {'enc': ..., 'dec': ...}
