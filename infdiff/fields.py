@@ -165,15 +165,15 @@ def area_downsample(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   """
   xp = _xp(image)
   h, w = image.shape[:2]
-  my = _area_matrix(h, out_h)
-  mx = _area_matrix(w, out_w)
+  my = area_matrix(h, out_h)
+  mx = area_matrix(w, out_w)
   if xp is jnp:
     my, mx = jnp.asarray(my), jnp.asarray(mx)
   out = xp.einsum("oh,hwc->owc", my, image.astype(xp.float32))
   return xp.einsum("pw,owc->opc", mx, out)
 
 
-def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
+def area_matrix(n_in: int, n_out: int) -> np.ndarray:
   """[n_out, n_in] overlap weights of output cells over input cells, rows sum to 1."""
   edges_in = np.arange(n_in + 1) / n_in
   edges_out = np.arange(n_out + 1) / n_out
@@ -181,3 +181,10 @@ def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
   hi = np.minimum(edges_out[1:, None], edges_in[None, 1:])
   m = np.clip(hi - lo, 0.0, None) * n_out
   return m.astype(np.float32)
+
+
+def pool_to_grid(latent, h: int, w: int):
+  """Average-pools [B, H, W, C] to the teacher's patch grid [B, h, w, C] (area weights)."""
+  my = jnp.asarray(area_matrix(latent.shape[1], h))
+  mx = jnp.asarray(area_matrix(latent.shape[2], w))
+  return jnp.einsum("oh,pw,bhwc->bopc", my, mx, latent.astype(jnp.float32))

@@ -7,7 +7,6 @@ adaptive weight that balances them against reconstruction (RaPD Eq. 9) is
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -35,32 +34,3 @@ def distill_loss(student, teacher, m1: float = 0.5, m2: float = 0.25):
   l_cos = cosine_margin_loss(student, teacher, m1)
   l_dms = distance_matrix_loss(student, teacher, m2)
   return l_cos + l_dms, {"distill_cos": l_cos, "distill_dms": l_dms}
-
-
-def pool_to_grid(latent, h: int, w: int):
-  """Average-pools [B, H, W, C] to the teacher's patch grid [B, h, w, C] (area weights)."""
-  from infdiff.fields import _area_matrix
-
-  my = jnp.asarray(_area_matrix(latent.shape[1], h))
-  mx = jnp.asarray(_area_matrix(latent.shape[2], w))
-  return jnp.einsum("oh,pw,bhwc->bopc", my, mx, latent.astype(jnp.float32))
-
-
-class DistillProjection(nn.Module):
-  """The 1x1 projection branch from latent channels to the teacher width."""
-
-  teacher_dim: int  # width of the teacher's patch tokens (768 for ViT-B/14)
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, pooled):  # [B, h, w, C] -> [B, h, w, D]
-    return nn.Dense(
-        self.teacher_dim,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("latent", "embed")
-        ),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-    )(pooled)

@@ -11,8 +11,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from infdiff.losses.distill import DistillProjection, pool_to_grid
+from infdiff.fields import pool_to_grid
 from infdiff.models.edsr import EDSREncoder
+from infdiff.models.projectors import DistillProjection
 from infdiff.models.renderers import make_renderer
 
 
