@@ -46,16 +46,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.9999  # EMA of trainable params (used for sampling/eval)
   # Mesh over ('data', 'fsdp', 'tensor'); -1 means "all remaining devices".
   c.mesh = (-1, 1, 1)
-  # Logical axis -> mesh axes. Params: 'embed' over fsdp, heads/mlp over tensor.
+  # Logical axis -> mesh axes. Parameters: 'embed' and 'conv_out' over fsdp, heads/mlp/vocab
+  # over tensor. Activations carry their own `act_*` names (maxtext style), so their layout
+  # is chosen apart from the parameters': batch over the data-parallel axes, heads and the
+  # MLP hidden over tensor (matching the tensor-sharded kernels that produce them).
   c.logical_axis_rules = (
-      ("batch", ("data", "fsdp")),
+      ("act_batch", ("data", "fsdp")),
+      ("act_len", None),
+      ("act_height", None),
+      ("act_width", None),
+      ("act_embed", None),
+      ("act_mlp", "tensor"),
+      ("act_heads", "tensor"),
+      ("act_kv", None),
+      ("act_latent", None),
       ("embed", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),
       ("kv", None),
-      ("length", None),
-      ("height", None),
-      ("width", None),
       ("vocab", "tensor"),
       ("conv_in", None),
       ("conv_out", "fsdp"),

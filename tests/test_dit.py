@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from infdiff.models import dit as dit_lib
+from infdiff.models import layers
 from infdiff.models import text as text_lib
 
 LOGICAL_NAMES = {
@@ -117,12 +118,12 @@ def test_params_carry_logical_names(variables):
 
 
 def test_rope_depends_on_offset_only():
-  cos, sin = dit_lib.rope_2d(5, 7, 8)
+  cos, sin = layers.rope_2d(5, 7, 8)
   assert cos.shape == (35, 4)
   q = jnp.broadcast_to(jax.random.normal(jax.random.key(2), (1, 1, 1, 8)), (1, 35, 1, 8))
   k = jnp.broadcast_to(jax.random.normal(jax.random.key(3), (1, 1, 1, 8)), (1, 35, 1, 8))
-  qr = dit_lib.apply_rope(q, cos, sin)[0, :, 0].reshape(5, 7, 8)
-  kr = dit_lib.apply_rope(k, cos, sin)[0, :, 0].reshape(5, 7, 8)
+  qr = layers.apply_rope(q, cos, sin)[0, :, 0].reshape(5, 7, 8)
+  kr = layers.apply_rope(k, cos, sin)[0, :, 0].reshape(5, 7, 8)
   dot = lambda a, b: float(jnp.dot(qr[a], kr[b]))
   np.testing.assert_allclose(dot((0, 0), (1, 2)), dot((3, 4), (4, 6)), rtol=1e-4)
   np.testing.assert_allclose(dot((2, 5), (0, 1)), dot((4, 6), (2, 2)), rtol=1e-4)
@@ -140,14 +141,14 @@ def test_attention_impls_agree():
   k = jax.random.normal(ks[1], (3, 7, 2, 8))
   v = jax.random.normal(ks[2], (3, 7, 2, 8))
   mask = jnp.array([[1] * 7, [1, 1, 0, 0, 0, 0, 0], [0] * 7], bool)
-  ref = dit_lib.dot_product_attention(q, k, v, mask, impl="xla")
+  ref = layers.dot_product_attention(q, k, v, mask, impl="xla")
   np.testing.assert_allclose(
-      dit_lib.dot_product_attention(q, k, v, mask, impl="jax"), ref, atol=1e-5
+      layers.dot_product_attention(q, k, v, mask, impl="jax"), ref, atol=1e-5
   )
   assert float(jnp.abs(ref[2]).max()) == 0.0  # no valid key: no update
   # Only the two valid keys of sample 1 matter.
   np.testing.assert_allclose(
-      ref[1], dit_lib.dot_product_attention(q[1:2], k[1:2, :2], v[1:2, :2])[0], atol=1e-5
+      ref[1], layers.dot_product_attention(q[1:2], k[1:2, :2], v[1:2, :2])[0], atol=1e-5
   )
 
 
@@ -157,7 +158,9 @@ def test_sharded_forward_matches_single_device(trained_like, variables, shape):
       shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
   )
   rules = (
-      ("batch", ("data", "fsdp")),
+      ("act_batch", ("data", "fsdp")),  # activations are named apart from parameters
+      ("act_mlp", "tensor"),
+      ("act_heads", "tensor"),
       ("embed", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),

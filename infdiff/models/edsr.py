@@ -83,5 +83,5 @@ class EDSREncoder(nn.Module):
     h = conv3x3(self.features, self.dtype, self.param_dtype, body_name)(h) + head
     if project:
       h = conv3x3(self.latent_channels, self.dtype, self.param_dtype, LAST_CONV)(h)
-    h = nn.with_logical_constraint(h, ("batch", "height", "width", "latent"))
+    h = nn.with_logical_constraint(h, ("act_batch", "act_height", "act_width", "act_latent"))
     return h.astype(jnp.float32)

@@ -37,20 +37,13 @@ import jax
 import jax.numpy as jnp
 
 from infdiff import fields
-from infdiff.models import swin
+from infdiff.models import layers, swin
 from infdiff.models.edsr import conv3x3
 
 
 def _dense(features, axes, dtype, param_dtype, name, zero=False):
-  init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
-  return nn.Dense(
-      features,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
-      name=name,
-  )
+  init = nn.initializers.lecun_normal()
+  return layers.dense(features, axes, dtype, param_dtype, zero=zero, init=init, name=name)
 
 
 def _latent_units(latent: jax.Array, coords: jax.Array, cells: jax.Array) -> jax.Array:
@@ -164,7 +157,7 @@ class CQAR(nn.Module):
       valid = jnp.ones((b, hq, wq), bool)
     x = swin.pad_to_multiple(x, self.window)  # [B, Hp, Wp, D]
     valid = swin.pad_to_multiple(valid, self.window, value=False)  # [B, Hp, Wp]
-    x = nn.with_logical_constraint(x, ("batch", "height", "width", "embed"))
+    x = nn.with_logical_constraint(x, layers.ACT_GRID)
     for i in range(self.depth):
       x = swin.SwinBlock(
           self.dim,

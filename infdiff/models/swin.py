@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infdiff.models import layers
+
 # Logit assigned to forbidden pairs. A finite value (not -inf) keeps fully masked rows
 # (queries that are themselves padding) finite: their softmax is uniform and unused,
 # instead of NaN that could leak through 0 * NaN into later layers.
@@ -140,27 +142,12 @@ def masked_attention_weights(logits: jax.Array, allowed: jax.Array) -> jax.Array
 
 
 def _dense(features, axes, dtype, param_dtype, name, use_bias=True):
-  return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
-      name=name,
-  )
+  return layers.dense(features, axes, dtype, param_dtype, name=name, use_bias=use_bias)
 
 
 def layer_norm(dtype, param_dtype, name):
-  """LayerNorm whose scale and bias carry the 'norm' logical axis."""
-  return nn.LayerNorm(
-      epsilon=1e-5,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-      name=name,
-  )
+  """LayerNorm (eps 1e-5, as Swin) whose scale and bias carry the 'norm' logical axis."""
+  return layers.layer_norm(dtype, param_dtype, epsilon=1e-5, name=name)
 
 
 class _Weights(nn.Module):
@@ -341,4 +328,4 @@ class SwinBlock(nn.Module):
     x = x + GatedFFN(
         self.dim, self.expansion, dtype=self.dtype, param_dtype=self.param_dtype, name="ffn"
     )(h)
-    return nn.with_logical_constraint(x, ("batch", "height", "width", "embed"))
+    return nn.with_logical_constraint(x, layers.ACT_GRID)

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infdiff.models.dit import Attention, SwiGLU
+from infdiff.models import layers
+from infdiff.models.layers import Attention, SwiGLU
 
 Dtype = Any
 
@@ -160,17 +161,6 @@ class WordVocab:
 # Demo encoder.
 
 
-def _layer_norm(dtype, param_dtype, name):
-  return nn.LayerNorm(
-      epsilon=1e-6,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-      name=name,
-  )
-
-
 class SmallTextEncoder(nn.Module):
   """Demo substitute for Qwen3: word embeddings + a few pre-LN transformer layers.
 
@@ -212,7 +202,7 @@ class SmallTextEncoder(nn.Module):
     )
     x = embed(ids) + pos[None, :length].astype(self.dtype)  # [B, L, width]
     for i in range(self.depth):
-      h = _layer_norm(self.dtype, self.param_dtype, f"ln_attn_{i}")(x)
+      h = layers.layer_norm(self.dtype, self.param_dtype, name=f"ln_attn_{i}")(x)
       x = x + Attention(
           self.heads,
           self.width // self.heads,
@@ -221,12 +211,12 @@ class SmallTextEncoder(nn.Module):
           param_dtype=self.param_dtype,
           name=f"attn_{i}",
       )(h, mask=mask)
-      h = _layer_norm(self.dtype, self.param_dtype, f"ln_mlp_{i}")(x)
+      h = layers.layer_norm(self.dtype, self.param_dtype, name=f"ln_mlp_{i}")(x)
       x = x + SwiGLU(
           int(self.width * self.mlp_ratio), self.dtype, self.param_dtype, name=f"mlp_{i}"
       )(h)
-      x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = _layer_norm(self.dtype, self.param_dtype, "ln_final")(x)
+      x = nn.with_logical_constraint(x, layers.ACT_TOKENS)
+    x = layers.layer_norm(self.dtype, self.param_dtype, name="ln_final")(x)
     return (x * mask[..., None]).astype(jnp.float32)
 
 

@@ -118,7 +118,7 @@ class Dinov2(nn.Module):
     x = x + pos_patch.astype(x.dtype)[None]
     c = jnp.broadcast_to((cls + pos[0]).astype(x.dtype), (b, 1, d))
     x = jnp.concatenate([c, x], axis=1)  # [B, 1 + N, D]
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
     for i in range(self.num_layers):
       x = Dinov2Layer(

@@ -116,7 +116,7 @@ class Qwen3(nn.Module):
         self, "embed_tokens", (self.vocab_size, self.hidden_size), ("vocab", "embed")
     )
     x = jnp.take(table, input_ids, axis=0).astype(self.dtype)  # [B, L, D]
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
     if attention_mask is None:
       attention_mask = jnp.ones((b, n), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))
