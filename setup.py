@@ -30,7 +30,13 @@ setup(
         "absl-py>=2,<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3,<4", "chex>=0.1.90,<0.2", "ruff>=0.8", "pyink>=24"],
+        "test": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3,<4",
+            "chex>=0.1.90,<0.2",
+            "ruff>=0.8",
+            "pyink>=24",
+        ],
         # Only for scripts/make_parity_fixtures.py: the canonical PyTorch references.
         "parity": [
             "torch==2.14.1",
