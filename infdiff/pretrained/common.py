@@ -267,15 +267,10 @@ def conv2d(
 
 
 def layer_norm(eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32, name=None):
-  """nn.LayerNorm with 'norm' logical names; statistics in float32 as torch does."""
-  return nn.LayerNorm(
-      epsilon=eps,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-      name=name,
-  )
+  """nn.LayerNorm with 'norm' logical names (`models.layers.layer_norm`, eps first)."""
+  from infdiff.models import layers
+
+  return layers.layer_norm(dtype, param_dtype, epsilon=eps, name=name)
 
 
 _NORMAL = nn.initializers.normal(0.02)
