@@ -107,11 +107,6 @@ def stage1_config(p) -> ml_collections.ConfigDict:
       warmup=100 if demo else 500,
       schedule="cosine",
   )
-  # Decoder noise augmentation (choice, not in the paper; 0 = off): the renderer is trained
-  # on z + latent_noise * std_c * eps, so a sampled latent that is slightly off still
-  # renders cleanly. A weight-free stand-in for the diffusability that distillation gives
-  # (scripts/latent_diagnostics.py measures the renderer's latent-noise sensitivity).
-  c.latent_noise = 0.0
   c.stats_images = 256 if demo else 50_000  # images for the latent mean/std pass
   c.stats_batch_size = 16
   return c

@@ -151,26 +151,12 @@ class Method(base.Method):
       )
     return jax.lax.stop_gradient(tokens.reshape(tokens.shape[0], h * w, -1))
 
-  def _noisy(self, z, rng):
-    """z + sigma * std_c * eps for the renderer (latent_noise; 0 = the latent as is).
-
-    std_c is the batch's per-channel latent std under stop-gradient, so the noise follows
-    the latent's scale without rewarding the encoder for shrinking or inflating it.
-    """
-    sigma = float(self.cfg.get("latent_noise", 0.0))
-    if sigma <= 0:
-      return z
-    std = jax.lax.stop_gradient(jnp.std(z.astype(jnp.float32), axis=(0, 1, 2)))  # [C]
-    eps = jax.random.normal(rng, z.shape, jnp.float32)
-    return z + (sigma * std * eps).astype(z.dtype)
-
   def loss(self, group, params, aux, batch, rng, step):
-    del group, step
+    del group, rng, step
     p = params["model"]
     image, target = batch["image"], batch["target"]
     if self.teacher is None:
       z = self.model.apply({"params": p}, image, method="encode")
-      z = self._noisy(z, rng)
       rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
       return self._rec_loss(rgb, target, aux)
 
@@ -185,7 +171,6 @@ class Method(base.Method):
       return z, None  # [B, r, r, C]
 
     def rec_of(z):
-      z = self._noisy(z, rng)
       rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
       return self._rec_loss(rgb, target, aux)
 
