@@ -39,6 +39,11 @@ evaluation. A method supplies the parts that differ:
 - `optimizer_config(group)`: the optax config of a group (default: the stage's `optim`).
 - `summaries(params, aux, batch, rng)`: images for TensorBoard (optional).
 - `finalize(ctx)`: host work after the last step (e.g. latent statistics, samples).
+- `provides` and `make_inference(params, aux, **options)`: the inference contract the
+  stage offers (`FieldAutoencoder` and/or `Generator`, below) and how to build it from
+  its parameters; `infdiff.runs` and every CLI, evaluator and notebook go through it.
+- `__init__(config, stage, workdir, training=True)`: `runs.load_run` builds the method
+  with training=False, so training-only inputs are neither loaded nor required.
 """
 
 from __future__ import annotations
