@@ -6,6 +6,11 @@ statistics and the like), step and RNG (item 'state') and the grain iterator sta
 directory and renames on commit) and keep the newest `keep` steps. Restoring takes an
 abstract state whose leaves carry the target shardings, so a checkpoint written on one
 mesh restores onto any other mesh or device count.
+
+A step that cannot be read (corrupt, truncated or missing files) is skipped with a
+warning: training moves it aside to `<step>.unreadable` (`set_aside`, nothing is deleted)
+and resumes from the newest readable step; inference (`restore_params_only`) only skips it.
+An interrupted save leaves an Orbax temporary directory, which is never read as a step.
 """
 
 from __future__ import annotations
@@ -16,10 +21,18 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint is missing or unreadable; the message is one line."""
+  """A checkpoint is missing or unreadable; the message is one line.
+
+  `why` is the cause alone (without the step and directory), for warnings and lists.
+  """
+
+  def __init__(self, message: str, why: str | None = None):
+    super().__init__(message)
+    self.why = why or message
 
 
 def manager(directory: str, keep: int = 3, save_every: int = 1) -> ocp.CheckpointManager:
@@ -61,13 +74,77 @@ def abstract_with_shardings(abstract_state, shardings):
   )
 
 
-def _saved_fields(mngr: ocp.CheckpointManager, step: int) -> set[str] | None:
-  """Top-level names of the saved state at `step` (None if its metadata is unreadable)."""
+def _saved_fields(mngr: ocp.CheckpointManager, step: int) -> set[str]:
+  """Top-level names of the saved state at `step`; CheckpointError if its metadata is unreadable."""
+  path = os.path.join(str(mngr.directory), str(step), "state")
   try:
-    path = os.path.join(str(mngr.directory), str(step), "state")
     return set(ocp.StandardCheckpointer().metadata(path).item_metadata.keys())
-  except Exception:  # restore reports a real problem
-    return None
+  except Exception as e:
+    why = f"unreadable metadata: {reason(e)}"
+    raise CheckpointError(f"cannot restore step {step} from {mngr.directory}: {why}", why) from e
+
+
+def reason(e: BaseException) -> str:
+  """The first line of an error, without TensorStore's multi-line spec dump."""
+  if isinstance(e, CheckpointError):
+    return e.why
+  lines = str(e).strip().splitlines()
+  text = lines[0] if lines else type(e).__name__
+  return text.split(" See full TensorStore details")[0].rstrip(". ") or type(e).__name__
+
+
+def set_aside(directory: str, step: int) -> str:
+  """Renames the step directory `directory/<step>` to `<step>.unreadable` (never deletes).
+
+  A name already taken gets a suffix (`<step>.unreadable.1`, ...). Returns the new path.
+  """
+  src = os.path.join(str(directory), str(step))
+  dst = f"{src}.unreadable"
+  n = 0
+  while os.path.exists(dst):
+    n += 1
+    dst = f"{src}.unreadable.{n}"
+  os.rename(src, dst)
+  return dst
+
+
+def restore_newest_readable(mngr: ocp.CheckpointManager, abstract_state, stage: str = ""):
+  """Restores the newest readable step: (state, data_state, step), or None if none is saved.
+
+  Unreadable newer steps are logged (one warning each) and, once a readable step is found,
+  moved aside with `set_aside` so that later saves can reuse their numbers. When no step is
+  readable nothing is moved (a target that no longer matches the saved state, after a config
+  change, fails every step alike) and a one-line CheckpointError lists what was tried.
+  """
+  prefix = f"[{stage}] " if stage else ""
+  tried = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state, data_state = restore(mngr, step, abstract_state)
+    except CheckpointError as e:
+      tried.append((step, reason(e)))
+      continue
+    for bad, why in tried:  # one warning per unreadable step
+      moved = set_aside(mngr.directory, bad) if jax.process_index() == 0 else "<step>.unreadable"
+      logging.warning(
+          "%scheckpoint step %d is unreadable (%s); moved it to %s and resumed from step %d",
+          prefix,
+          bad,
+          why,
+          moved,
+          step,
+      )
+    if tried:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("infdiff_checkpoint_set_aside")
+      mngr.reload()  # the manager caches its step list
+    return state, data_state, step
+  if tried:
+    listed = "; ".join(f"step {s}: {w}" for s, w in tried)
+    raise CheckpointError(f"no readable checkpoint in {mngr.directory} (tried {listed})")
+  return None
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
@@ -80,8 +157,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   if dataclasses.is_dataclass(abstract_state):
     fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
     saved = _saved_fields(mngr, step)
-    if saved is not None:
-      missing = [k for k, v in fields.items() if k not in saved and isinstance(v, dict) and not v]
+    missing = [k for k, v in fields.items() if k not in saved and isinstance(v, dict) and not v]
     if missing:  # the same tree without those fields, as a dict of the dataclass's fields
       target = {k: v for k, v in fields.items() if k not in missing}
   try:
@@ -92,8 +168,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
         ),
     )
   except Exception as e:  # Orbax raises many types; report one line.
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise CheckpointError(f"cannot restore step {step} from {mngr.directory}: {msg}") from e
+    why = reason(e)
+    raise CheckpointError(f"cannot restore step {step} from {mngr.directory}: {why}", why) from e
   state = out["state"]
   if missing:
     state = abstract_state.replace(**state, **{k: {} for k in missing})
@@ -106,7 +182,8 @@ def restore_params_only(directory: str, abstract_state=None, step: int | None = 
   Args:
     directory: the checkpoints directory of a stage.
     abstract_state: optional restore target; None restores as saved, on one device.
-    step: the step to read; the latest when None.
+    step: the step to read; None: the newest readable one (newer unreadable steps are
+      skipped with a warning, and left where they are).
 
   Returns:
     (state pytree, step).
@@ -117,9 +194,28 @@ def restore_params_only(directory: str, abstract_state=None, step: int | None = 
       os.path.abspath(directory),
       item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
   )
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"no finished checkpoint in {directory}")
+  try:  # closed on every path: an open manager's threads fail noisily at interpreter exit
+    saved = sorted(mngr.all_steps(), reverse=True)
+    if step is not None:
+      if step not in saved:
+        have = ", ".join(map(str, sorted(saved))) or "none"
+        raise CheckpointError(f"no checkpoint step {step} in {directory} (saved steps: {have})")
+      return _read_params(mngr, directory, step, abstract_state), step
+    if not saved:
+      raise CheckpointError(f"no finished checkpoint in {directory}")
+    tried = []
+    for s in saved:
+      try:
+        return _read_params(mngr, directory, s, abstract_state), s
+      except CheckpointError as e:
+        logging.warning("checkpoint step %d in %s is unreadable: %s", s, directory, reason(e))
+        tried.append(f"step {s}: {reason(e)}")
+    raise CheckpointError(f"no readable checkpoint in {directory} (tried {'; '.join(tried)})")
+  finally:
+    mngr.close()
+
+
+def _read_params(mngr: ocp.CheckpointManager, directory: str, step: int, abstract_state):
   try:
     if abstract_state is None:
       abstract_state = _single_device_target(mngr, step)
@@ -127,9 +223,9 @@ def restore_params_only(directory: str, abstract_state=None, step: int | None = 
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
   except Exception as e:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise CheckpointError(f"cannot read checkpoint step {step} in {directory}: {msg}") from e
-  return out["state"], step
+    why = reason(e)
+    raise CheckpointError(f"cannot read checkpoint step {step} in {directory}: {why}", why) from e
+  return out["state"]
 
 
 def _single_device_target(mngr: ocp.CheckpointManager, step: int):

@@ -332,7 +332,9 @@ def _train_stage(config, stage, workdir, method, mngr, data_iter):
   )
   start_step = 0
   if latest is not None:
-    state, data_state = ckpt_lib.restore(mngr, latest, state)
+    # The newest readable step; unreadable newer ones are moved aside with a warning.
+    # Parameters and data-iterator state come from the same step.
+    state, data_state, _ = ckpt_lib.restore_newest_readable(mngr, state, stage)
     data_iter.set_state(data_state if data_state is not None else start_data_state)
     start_step = int(jax.device_get(state.step))
     logging.info("[%s] resumed from step %d", stage, start_step)

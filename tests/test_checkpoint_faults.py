@@ -1,0 +1,125 @@
+"""Checkpoint faults: unreadable newest steps, failed and interrupted saves, the check CLI."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import chex
+import pytest
+import tiny
+
+from infdiff import checkpoint as ckpt_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [*tiny.STAGE1_ONLY, "--config.log_every=2", "--config.checkpoint_every=2"]
+STAGE = "rapd_stage1"
+
+
+def run_main(workdir, steps, check=True, env=None):
+  cmd = [sys.executable, "-m", "infdiff.main", "--config=configs/rapd.py:demo"]
+  cmd += [f"--workdir={workdir}", *TINY, *tiny.steps(steps)]
+  proc = subprocess.run(
+      cmd, cwd=ROOT, env=env or tiny.subprocess_env(), capture_output=True, text=True
+  )
+  if check and proc.returncode != 0:
+    raise AssertionError(f"main failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def ckdir(workdir):
+  return os.path.join(workdir, STAGE, "checkpoints")
+
+
+def steps_in(workdir):
+  return sorted(int(s) for s in os.listdir(ckdir(workdir)) if s.isdigit())
+
+
+def final_params(workdir):
+  state, step = ckpt_lib.restore_params_only(ckdir(workdir))
+  return state["params"], step
+
+
+def array_file(workdir, step):
+  """The largest array data file of a step (OCDBT data under state/ocdbt.process_0/d/)."""
+  d = os.path.join(ckdir(workdir), str(step), "state", "ocdbt.process_0", "d")
+  return max((os.path.join(d, f) for f in os.listdir(d)), key=os.path.getsize)
+
+
+def corrupt(workdir, step, how):
+  if how == "flip":  # the first bytes: the compressed chunk no longer decodes
+    path = array_file(workdir, step)
+    data = bytearray(open(path, "rb").read())
+    for i in range(8):
+      data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+  elif how == "truncate":
+    path = array_file(workdir, step)
+    os.truncate(path, os.path.getsize(path) // 2)
+  elif how == "metadata":
+    os.remove(os.path.join(ckdir(workdir), str(step), "state", "_METADATA"))
+  else:
+    raise ValueError(how)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A 6-step run (checkpoints 2, 4, 6) and an uninterrupted 8-step reference."""
+  base = tmp_path_factory.mktemp("runs")
+  run_main(base / "six", 6)
+  run_main(base / "ref", 8)
+  assert steps_in(base / "six") == [2, 4, 6]
+  return base / "six", final_params(base / "ref")
+
+
+def assert_no_traceback(proc):
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "metadata"])
+def test_resume_skips_unreadable_newest_step(runs, tmp_path, how):
+  six, (ref_params, ref_step) = runs
+  w = tmp_path / "w"
+  shutil.copytree(six, w)
+  corrupt(w, 6, how)
+  proc = run_main(w, 8)
+  assert_no_traceback(proc)
+  warnings = [x for x in proc.stderr.splitlines() if "checkpoint step 6 is unreadable" in x]
+  assert len(warnings) == 1, proc.stderr[-3000:]
+  assert "6.unreadable" in warnings[0] and "resumed from step 4" in warnings[0]
+  assert os.path.isdir(os.path.join(ckdir(w), "6.unreadable"))  # moved aside, not deleted
+  params, step = final_params(w)
+  assert step == ref_step == 8
+  chex.assert_trees_all_equal(params, ref_params)
+
+
+def test_no_readable_step_is_one_line_and_moves_nothing(runs, tmp_path):
+  six, _ = runs
+  w = tmp_path / "w"
+  shutil.copytree(six, w)
+  for step in (2, 4, 6):
+    corrupt(w, step, "metadata")
+  proc = run_main(w, 8, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert_no_traceback(proc)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: no readable checkpoint"), last
+  assert all(f"step {s}:" in last for s in (2, 4, 6)), last
+  assert steps_in(w) == [2, 4, 6]  # nothing is moved when no step is readable
+
+
+def test_params_only_skips_unreadable_newest_without_moving(runs, tmp_path):
+  six, _ = runs
+  w = tmp_path / "w"
+  shutil.copytree(six, w)
+  corrupt(w, 6, "truncate")
+  _, step = ckpt_lib.restore_params_only(ckdir(w))
+  assert step == 4
+  assert steps_in(w) == [2, 4, 6]
+  _, step = ckpt_lib.restore_params_only(ckdir(w), step=2)
+  assert step == 2
+  with pytest.raises(ckpt_lib.CheckpointError, match="cannot read checkpoint step 6"):
+    ckpt_lib.restore_params_only(ckdir(w), step=6)
+  with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint step 5"):
+    ckpt_lib.restore_params_only(ckdir(w), step=5)
