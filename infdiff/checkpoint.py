@@ -206,11 +206,21 @@ def restore_params_only(directory: str, abstract_state=None, step: int | None = 
     tried = []
     for s in saved:
       try:
-        return _read_params(mngr, directory, s, abstract_state), s
+        state = _read_params(mngr, directory, s, abstract_state)
       except CheckpointError as e:
-        logging.warning("checkpoint step %d in %s is unreadable: %s", s, directory, reason(e))
-        tried.append(f"step {s}: {reason(e)}")
-    raise CheckpointError(f"no readable checkpoint in {directory} (tried {'; '.join(tried)})")
+        tried.append((s, reason(e)))
+        continue
+      for bad, why in tried:  # one warning per skipped step; inference moves nothing
+        logging.warning(
+            "checkpoint step %d in %s is unreadable (%s); read step %d instead",
+            bad,
+            directory,
+            why,
+            s,
+        )
+      return state, s
+    listed = "; ".join(f"step {s}: {w}" for s, w in tried)
+    raise CheckpointError(f"no readable checkpoint in {directory} (tried {listed})")
   finally:
     mngr.close()
 

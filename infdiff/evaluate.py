@@ -1,7 +1,7 @@
 """Evaluation CLI: one metric on a run directory, printed as a table and saved as JSON.
 
 python -m infdiff.evaluate --workdir=W --metric=NAME [--size=WxH ...] [--data=SOURCE] \
-    [--num=N] [--seed=S] [--inception=PATH] [--clip=PATH] [--lpips=PATH]
+    [--num=N] [--seed=S] [--inception=PATH] [--clip=PATH] [--lpips=PATH] [--step=N]
 
 Metrics (protocols in each module's docstring under infdiff/evaluators/), on any run
 whose stages provide the contract a metric needs (infdiff.methods.base):
@@ -40,6 +40,9 @@ flags.DEFINE_string("lpips", None, "VGG16-LPIPS checkpoint directory (optional f
 flags.DEFINE_integer("patch", 64, "pfid: crop side P.")
 flags.DEFINE_integer("crops_per_image", 4, "pfid: random crops per image.")
 flags.DEFINE_integer("tile", 128, "Render tile side (static shape; bounds render memory).")
+flags.DEFINE_integer(
+    "step", None, "Checkpoint step to read (default: the newest readable one, with a warning)."
+)
 flags.mark_flags_as_required(["workdir", "metric"])
 
 MAX_SIDE = 16384  # largest side accepted by --size
@@ -59,6 +62,7 @@ def make_args(
     patch=64,
     crops_per_image=4,
     tile=128,
+    step=None,
 ):
   """Validated `EvalArgs` (everything that can be checked before loading a model)."""
   from infdiff import cli as cli_lib
@@ -83,6 +87,7 @@ def make_args(
       patch=patch,
       crops_per_image=crops_per_image,
       tile=tile,
+      step=step,
   )
   if hasattr(module, "validate"):
     module.validate(args)  # each metric checks its own arguments
@@ -123,6 +128,7 @@ def main(argv):
         patch=FLAGS.patch,
         crops_per_image=FLAGS.crops_per_image,
         tile=FLAGS.tile,
+        step=FLAGS.step,
     )
     result, path = run(args)
   print(result.table())

@@ -28,6 +28,9 @@ flags.DEFINE_integer("seed", 0, "Noise seed; the same seed gives identical files
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples).")
 flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the run's config).")
 flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's config).")
+flags.DEFINE_integer(
+    "step", None, "Checkpoint step to read (default: the newest readable one, with a warning)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -74,6 +77,7 @@ def main(argv):
         FLAGS.out,
         FLAGS.cfg_scale,
         FLAGS.steps,
+        FLAGS.step,
     )
   print(f"wrote {len(paths)} images to {os.path.dirname(paths[0]) if paths else FLAGS.out}")
   return 0

@@ -123,3 +123,26 @@ def test_params_only_skips_unreadable_newest_without_moving(runs, tmp_path):
     ckpt_lib.restore_params_only(ckdir(w), step=6)
   with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint step 5"):
     ckpt_lib.restore_params_only(ckdir(w), step=5)
+
+
+def evaluate(workdir, *extra):
+  cmd = [sys.executable, "-m", "infdiff.evaluate", f"--workdir={workdir}", "--metric=recon"]
+  cmd += ["--num=1", *extra]
+  return subprocess.run(cmd, cwd=ROOT, env=tiny.subprocess_env(), capture_output=True, text=True)
+
+
+def test_evaluate_reads_newest_readable_or_the_given_step(runs, tmp_path):
+  six, _ = runs
+  w = tmp_path / "w"
+  shutil.copytree(six, w)
+  corrupt(w, 6, "flip")
+  proc = evaluate(w)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert_no_traceback(proc)
+  assert "checkpoint step 6" in proc.stderr and "read step 4 instead" in proc.stderr
+  assert steps_in(w) == [2, 4, 6]  # inference moves nothing
+  proc = evaluate(w, "--step=6")
+  assert proc.returncode == 2
+  assert_no_traceback(proc)
+  err = [x for x in proc.stderr.splitlines() if x.strip()]
+  assert len(err) == 1 and err[0].startswith("error: cannot read checkpoint step 6"), proc.stderr

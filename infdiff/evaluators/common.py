@@ -53,6 +53,7 @@ class EvalArgs:
   patch: int = 64  # pFID crop side P
   crops_per_image: int = 4  # pFID crops per image
   tile: int = DEFAULT_TILE  # render tile side
+  step: int | None = None  # checkpoint step; None: the newest readable one
 
 
 @dataclasses.dataclass

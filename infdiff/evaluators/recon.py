@@ -151,7 +151,7 @@ def square_input(ae: base.FieldAutoencoder) -> int:
 
 def cli(args: common.EvalArgs) -> common.Result:
   """`python -m infdiff.evaluate --metric=recon`: the run's autoencoder on held-out data."""
-  ae = runs.load_autoencoder(args.workdir, "--metric=recon")
+  ae = runs.load_autoencoder(args.workdir, "--metric=recon", step=args.step)
   source = common.held_out_source(common.run_data_config(args.workdir, args.data))
   lpips = _lpips_fn(args.lpips)
   return evaluate(

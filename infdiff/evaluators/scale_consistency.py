@@ -57,7 +57,7 @@ def evaluate(
 
 def cli(args: common.EvalArgs) -> common.Result:
   """`python -m infdiff.evaluate --metric=scale_consistency`."""
-  ae = runs.load_autoencoder(args.workdir, "--metric=scale_consistency")
+  ae = runs.load_autoencoder(args.workdir, "--metric=scale_consistency", step=args.step)
   source = common.held_out_source(common.run_data_config(args.workdir, args.data))
   return evaluate(ae, source, num=args.num or DEFAULT_NUM, seed=args.seed, tile=args.tile)
 
