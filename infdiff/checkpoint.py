@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as py_logging
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,7 +37,20 @@ class CheckpointError(RuntimeError):
     self.why = why or message
 
 
+class _NoOrbaxTracebacks(py_logging.Filter):
+  """Orbax logs a failed background save with its traceback before the error reaches the
+  trainer, which reports it in one line; the log keeps Orbax's message, without traceback."""
+
+  def filter(self, record):
+    if "orbax" in (record.pathname or "") and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
 def manager(directory: str, keep: int = 3, save_every: int = 1) -> ocp.CheckpointManager:
+  absl_logger = py_logging.getLogger("absl")
+  if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoOrbaxTracebacks())
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=save_every, create=True, cleanup_tmp_directories=True
   )
@@ -64,7 +79,43 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state=None, force=F
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(_encode_data_state(data_state)),
   )
-  return mngr.save(step, args=args, force=force)
+  try:
+    return mngr.save(step, args=args, force=force)
+  except Exception as e:  # e.g. OSError(ENOSPC); the previous steps stay as they were
+    raise _save_error(mngr, e) from e
+
+
+def _save_error(mngr, e: BaseException) -> CheckpointError:
+  # Saves are asynchronous: a failed write surfaces at the next save or wait, so the
+  # message names the directory (the cause usually names the step's temporary directory).
+  why = reason(e)
+  return CheckpointError(f"cannot save checkpoint in {mngr.directory}: {why}", why)
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the pending save; a failed write is a one-line CheckpointError."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:
+    raise _save_error(mngr, e) from e
+
+
+def close(mngr: ocp.CheckpointManager) -> None:
+  """Closes the manager (also after a failed save, so no thread outlives the process).
+
+  A failed pending write is raised afterwards as a one-line CheckpointError.
+  """
+  error = None
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:
+    error = e
+  try:
+    mngr.close()
+  except Exception as e:
+    error = error or e
+  if error is not None:
+    raise _save_error(mngr, error) from error
 
 
 def abstract_with_shardings(abstract_state, shardings):
@@ -82,6 +133,41 @@ def _saved_fields(mngr: ocp.CheckpointManager, step: int) -> set[str]:
   except Exception as e:
     why = f"unreadable metadata: {reason(e)}"
     raise CheckpointError(f"cannot restore step {step} from {mngr.directory}: {why}", why) from e
+
+
+_QUIET = []  # set once the abandoned-read noise filters are installed
+
+
+class _AbandonedReadFilter(py_logging.Filter):
+
+  def filter(self, record):
+    return "exception was never retrieved" not in str(record.msg)
+
+
+def _quiet_abandoned_reads() -> None:
+  """Silences the noise of the other reads of a failed restore (installed on first failure).
+
+  When one array read fails, Orbax's event loop closes while the other reads are in flight;
+  they end later with 'Event loop is closed' errors, unretrieved-exception log records and
+  never-awaited coroutines, printed as tracebacks after the one-line error. The failure
+  itself is already reported, so these are dropped; anything else passes through.
+  """
+  if _QUIET:
+    return
+  _QUIET.append(True)
+  previous = sys.unraisablehook
+
+  def hook(u):
+    e, obj = u.exc_value, u.object
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    code = getattr(obj, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+      return
+    previous(u)
+
+  sys.unraisablehook = hook
+  py_logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
 
 
 def reason(e: BaseException) -> str:
@@ -168,6 +254,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
         ),
     )
   except Exception as e:  # Orbax raises many types; report one line.
+    _quiet_abandoned_reads()
     why = reason(e)
     raise CheckpointError(f"cannot restore step {step} from {mngr.directory}: {why}", why) from e
   state = out["state"]
@@ -233,6 +320,7 @@ def _read_params(mngr: ocp.CheckpointManager, directory: str, step: int, abstrac
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
   except Exception as e:
+    _quiet_abandoned_reads()
     why = reason(e)
     raise CheckpointError(f"cannot read checkpoint step {step} in {directory}: {why}", why) from e
   return out["state"]

@@ -296,7 +296,7 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
     return _train_stage(config, stage, workdir, method, mngr, data_iter)
   finally:
     # Also on errors: an open manager's background threads would fail at interpreter exit.
-    mngr.close()
+    ckpt_lib.close(mngr)
 
 
 def _train_stage(config, stage, workdir, method, mngr, data_iter):
@@ -389,7 +389,7 @@ def _train_stage(config, stage, workdir, method, mngr, data_iter):
         scalars = _average(fetched)
         skipped = int(jax.device_get(state.nonfinite))
         if skipped >= config.max_nonfinite_steps:
-          mngr.wait_until_finished()
+          ckpt_lib.wait(mngr)
           raise FloatingPointError(
               f"[{stage}] loss was NaN/inf for {skipped} consecutive steps at step {step}; "
               "lower the learning rate or check the data"
@@ -412,14 +412,14 @@ def _train_stage(config, stage, workdir, method, mngr, data_iter):
 
       if sig.signum is not None:
         ckpt_lib.save(mngr, step, state, _iter_state(data_iter), force=True)
-        mngr.wait_until_finished()
+        ckpt_lib.wait(mngr)
         writer.flush()
         logging.info(
             "[%s] signal %d: checkpoint at step %d written; exiting", stage, sig.signum, step
         )
         raise Preempted(f"stopped by signal {sig.signum} at step {step}")
 
-  mngr.wait_until_finished()
+  ckpt_lib.wait(mngr)
   ctx.state = state
   method.finalize(ctx)
   writer.flush()

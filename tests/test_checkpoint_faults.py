@@ -2,8 +2,10 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import chex
 import pytest
@@ -13,6 +15,7 @@ from infdiff import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [*tiny.STAGE1_ONLY, "--config.log_every=2", "--config.checkpoint_every=2"]
+TINY += ["--config.keep_checkpoints=5"]
 STAGE = "rapd_stage1"
 
 
@@ -64,11 +67,12 @@ def corrupt(workdir, step, how):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A 6-step run (checkpoints 2, 4, 6) and an uninterrupted 8-step reference."""
+  """An uninterrupted 8-step run (the reference) and a copy as if stopped at step 6."""
   base = tmp_path_factory.mktemp("runs")
-  run_main(base / "six", 6)
   run_main(base / "ref", 8)
-  assert steps_in(base / "six") == [2, 4, 6]
+  assert steps_in(base / "ref") == [2, 4, 6, 8]
+  shutil.copytree(base / "ref", base / "six")
+  shutil.rmtree(os.path.join(ckdir(base / "six"), "8"))
   return base / "six", final_params(base / "ref")
 
 
@@ -146,3 +150,116 @@ def test_evaluate_reads_newest_readable_or_the_given_step(runs, tmp_path):
   assert_no_traceback(proc)
   err = [x for x in proc.stderr.splitlines() if x.strip()]
   assert len(err) == 1 and err[0].startswith("error: cannot read checkpoint step 6"), proc.stderr
+
+
+def test_evaluate_failed_read_noise_is_silenced(runs, tmp_path):
+  """Other reads of a failed restore end after the error: no stray tracebacks."""
+  six, _ = runs
+  w = tmp_path / "w"
+  shutil.copytree(six, w)
+  corrupt(w, 6, "truncate")
+  code = (
+      "import gc, sys, time\n"
+      "from infdiff import checkpoint as c\n"
+      "for _ in range(3):\n"
+      "  try:\n"
+      f"    c.restore_params_only({ckdir(w)!r}, step=6)\n"
+      "  except c.CheckpointError as e:\n"
+      "    print('error:', e)\n"
+      "  gc.collect()\n"
+      "time.sleep(1)\n"
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=ROOT,
+      env=tiny.subprocess_env(),
+      capture_output=True,
+      text=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("error: cannot read checkpoint step 6") == 3
+  assert_no_traceback(proc)
+  assert "never retrieved" not in proc.stderr
+
+
+def run_faulty(workdir, steps, mode, nth, **kw):
+  """infdiff.main with the nth state write failing (tests/save_faults.py)."""
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "save_faults.py"), mode, str(nth)]
+  cmd += ["--config=configs/rapd.py:demo", f"--workdir={workdir}", *TINY, *tiny.steps(steps)]
+  env = tiny.subprocess_env()
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+  return subprocess.Popen(
+      cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw
+  )
+
+
+def test_failed_save_keeps_previous_steps_and_rerun_resumes(runs, tmp_path):
+  _, (ref_params, _) = runs
+  w = tmp_path / "w"
+  proc = run_faulty(w, 8, "enospc", 3)  # the save of step 6 fails
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith(f"error: cannot save checkpoint in {ckdir(w)}"), last
+  assert "No space left on device" in last
+  assert steps_in(w) == [2, 4]
+  _, step = final_params(w)
+  assert step == 4  # the previous step is intact and readable
+  proc = run_main(w, 8)
+  assert "resumed from step 4" in proc.stderr
+  params, step = final_params(w)
+  assert step == 8
+  chex.assert_trees_all_equal(params, ref_params)
+
+
+def test_kill_during_save_leaves_a_partial_step_that_resume_ignores(runs, tmp_path):
+  _, (ref_params, _) = runs
+  w = tmp_path / "w"
+  proc = run_faulty(w, 8, "hang", 3)  # hangs in the save of step 6
+  hang = os.path.join(ckdir(w), "HANG")
+  deadline = time.time() + 240
+  while not os.path.exists(hang) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.1)
+  assert os.path.exists(hang), proc.stderr.read()[-3000:] if proc.poll() is not None else ""
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  os.remove(hang)
+  assert any(".orbax-checkpoint-tmp" in p for p in os.listdir(ckdir(w)))
+  assert steps_in(w) == [2, 4]
+  proc = run_main(w, 8)
+  assert "resumed from step 4" in proc.stderr
+  assert not any(".orbax-checkpoint-tmp" in p for p in os.listdir(ckdir(w)))
+  params, step = final_params(w)
+  assert step == 8
+  chex.assert_trees_all_equal(params, ref_params)
+
+
+def test_checkpoint_check_reports_each_step(runs, tmp_path):
+  from infdiff import checkpoint_check
+
+  six, _ = runs
+  w = tmp_path / "w"
+  shutil.copytree(six, w)
+  corrupt(w, 2, "metadata")
+  lines, ok = checkpoint_check.check(str(w))
+  assert ok  # only an older step is unreadable
+  assert lines[:2] == [f"{STAGE} step 6: readable", f"{STAGE} step 4: readable"]
+  assert lines[2].startswith(f"{STAGE} step 2: unreadable: ") and "_METADATA" in lines[2]
+  corrupt(w, 6, "flip")
+  cmd = [sys.executable, "-m", "infdiff.checkpoint_check", f"--workdir={w}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=tiny.subprocess_env(), capture_output=True, text=True)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert_no_traceback(proc)
+  out = proc.stdout.splitlines()
+  assert out[0].startswith(f"{STAGE} step 6: unreadable: "), out
+  assert out[1] == f"{STAGE} step 4: readable", out
+  proc = subprocess.run(
+      [sys.executable, "-m", "infdiff.checkpoint_check", f"--workdir={tmp_path / 'none'}"],
+      cwd=ROOT,
+      env=tiny.subprocess_env(),
+      capture_output=True,
+      text=True,
+  )
+  assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+  assert "Traceback" not in proc.stderr
