@@ -119,9 +119,8 @@ def load_run(path: str, stage: str | None = None, step: int | None = None) -> Ru
   utils.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   method = methods.get_method_class(stage)(config, stage, directory, training=False)
   state, read_step = ckpt_lib.restore_params_only(os.path.join(directory, "checkpoints"), step=step)
-  params = dict(state.get("ema") or state["params"])
-  # Groups without an EMA copy (e.g. a discriminator) keep their trained parameters.
-  params = {**state["params"], **params}
+  # EMA where the stage keeps one; groups without an EMA copy keep their trained params.
+  params = {**state["params"], **(state.get("ema") or {})}
   aux = method.prepare(None, training=False)
   return Run(config, stage, directory, method, params, aux, int(read_step))
 

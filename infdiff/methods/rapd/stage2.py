@@ -19,6 +19,7 @@ from infdiff.data import pipeline as data_pipeline
 from infdiff.data import transforms
 from infdiff.diffusion import flow
 from infdiff.methods import base
+from infdiff.methods.rapd.stage1 import inference_params
 from infdiff.models.dit import DiT
 from infdiff.models.projectors import RepaProjector
 from infdiff.models.text import WordVocab, build_text_encoder
@@ -111,7 +112,7 @@ class Method(base.Method):
     s1 = runs.load_run(self.s1_dir)
     self.ae = s1.method.model  # built without the training-only distillation branch
     self.s1_cfg = s1.method.cfg
-    self._ae_params = s1.inference().params
+    self._ae_params = inference_params(s1.params)  # {'enc', 'dec'}
     stats = s1.method.latent_stats()
     if stats is None:
       raise FileNotFoundError(f"stage-1 run {self.s1_dir} has no latent_stats.json")
