@@ -83,6 +83,7 @@ def stage1_config(p) -> ml_collections.ConfigDict:
           features=32 if demo else 16,
           n_resblocks=4 if demo else 8,
           latent_channels=8 if demo else 16,
+          downsample=1,  # latent stride f (RaPD: 1, the latent keeps the image resolution)
       )
   )  # Table 5: 16 channels / 8 resblocks, C = 16. The demo's half-depth encoder is wider.
   c.renderer = renderer_config(p.renderer, demo)
@@ -92,6 +93,9 @@ def stage1_config(p) -> ml_collections.ConfigDict:
   use_lpips = p.lpips != "none" and (bool(lpips_path) or not demo)
   c.lpips_weight = 1.0 if use_lpips else 0.0  # lambda_lpips (choice 1.0; needs lpips_path)
   c.lpips_path = lpips_path
+  # Latent smoothness (not in RaPD): weight of `stage1.roughness(z)`, the latent's
+  # high-frequency share (logged as model/roughness whatever the weight). 0 = off.
+  c.smooth_weight = 0.0
   c.distill = ml_collections.ConfigDict()
   use_distill = p.distill and (bool(p.teacher) or not demo)
   c.distill.weight = 0.1 if use_distill else 0.0  # w_hyper (Table 5: 0.1); 0 = off

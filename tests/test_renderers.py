@@ -325,6 +325,39 @@ def test_edsr_encoder():
   np.testing.assert_array_equal(np.asarray(apply(params, jnp.full_like(image, 0.5))), 0.0)
 
 
+def test_edsr_latent_stride_reads_space_to_depth_blocks():
+  """downsample=f: the last conv sees each f x f block of the body output as channels."""
+  enc = EDSREncoder(features=4, n_resblocks=1, latent_channels=5, downsample=2)
+  image = jax.random.uniform(jax.random.key(0), (2, 8, 12, 3))
+  params = nn.unbox(enc.init(jax.random.key(1), image))["params"]
+  assert params[LAST_CONV]["kernel"].shape == (3, 3, 4 * 2 * 2, 5)
+  z, inter = enc.apply({"params": params}, image, capture_intermediates=True)
+  assert z.shape == (2, 4, 6, 5)
+  body = (
+      inter["intermediates"]["body_conv"]["__call__"][0]
+      + inter["intermediates"]["head"]["__call__"][0]
+  )  # [2, 8, 12, 4], EDSR's global skip
+  # Block (i, j) of the body output becomes channels ordered (row in block, col, channel).
+  blocks = np.asarray(body).reshape(2, 4, 2, 6, 2, 4).transpose(0, 1, 3, 2, 4, 5)
+  blocks = blocks.reshape(2, 4, 6, 16)
+  k = params[LAST_CONV]
+  want = (
+      jax.lax.conv_general_dilated(
+          jnp.asarray(blocks),
+          k["kernel"],
+          (1, 1),
+          "SAME",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+      + k["bias"]
+  )
+  np.testing.assert_allclose(np.asarray(z), np.asarray(want), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="divisible"):
+    enc.apply({"params": params}, image[:, :7])
+  with pytest.raises(ValueError, match="latent_channels"):
+    EDSREncoder(features=4, n_resblocks=1, downsample=2).init(jax.random.key(1), image)
+
+
 @pytest.mark.parametrize("kind,method", [("bicubic", "cubic"), ("bilinear", "linear")])
 def test_interpolate_latent_matches_resize_and_hits_cell_centres(kind, method):
   latent = jax.random.normal(jax.random.key(0), (2, 8, 10, 3))

@@ -1,6 +1,7 @@
 """EDSR-style encoder without downsampling (RaPD stage 1, LIIF's EDSR-baseline body).
 
-image [B, r, r, 3] in [0, 1] -> latent [B, r, r, C]. The last conv layer is always the
+image [B, r, r, 3] in [0, 1] -> latent [B, r, r, C] (or [B, r/f, r/f, C] with the
+optional latent stride f, a demo substitute, not RaPD). The last conv layer is always the
 submodule named `LAST_CONV` ('last_conv'): the stage-1 loss takes the gradient norms of
 the reconstruction and distillation losses at that layer's kernel,
 `params['last_conv']['kernel']`, to balance them adaptively (RaPD Eq. 9).
@@ -8,6 +9,7 @@ the reconstruction and distillation losses at that layer's kernel,
 
 from __future__ import annotations
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,10 @@ class EDSREncoder(nn.Module):
   features: int = 16  # body width (Table 5: 16)
   n_resblocks: int = 8  # residual blocks (Table 5: 8)
   latent_channels: int | None = None  # C; None -> latent is the body output (C = features)
+  # Latent stride f (not in RaPD, whose latent keeps the image resolution): the last conv
+  # reads f x f space-to-depth blocks of the body output, so the latent is [B, r/f, r/f, C].
+  # Needs latent_channels.
+  downsample: int = 1
   res_scale: float = 1.0  # residual scaling inside blocks (choice: EDSR-baseline's 1.0)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
@@ -70,7 +76,7 @@ class EDSREncoder(nn.Module):
         normalisation), so callers pass raw [0, 1] images.
 
     Returns:
-      [B, r, r, C] float32 latent, same spatial size as the input.
+      [B, r / f, r / f, C] float32 latent (f = downsample; 1 keeps the input size).
     """
     x = (2.0 * image - 1.0).astype(self.dtype)
     head = conv3x3(self.features, self.dtype, self.param_dtype, "head")(x)
@@ -81,6 +87,16 @@ class EDSREncoder(nn.Module):
     body_name = "body_conv" if project else LAST_CONV
     # EDSR's global skip: the body learns a correction to the head features.
     h = conv3x3(self.features, self.dtype, self.param_dtype, body_name)(h) + head
+    f = int(self.downsample)
+    if f > 1:
+      if not project:
+        raise ValueError("encoder.downsample > 1 needs encoder.latent_channels")
+      if image.shape[1] % f or image.shape[2] % f:
+        raise ValueError(
+            f"encoder.downsample={f} needs an input side divisible by it, got "
+            f"{image.shape[1]}x{image.shape[2]}"
+        )
+      h = einops.rearrange(h, "b (h p) (w q) c -> b h w (p q c)", p=f, q=f)
     if project:
       h = conv3x3(self.latent_channels, self.dtype, self.param_dtype, LAST_CONV)(h)
     h = nn.with_logical_constraint(h, ("act_batch", "act_height", "act_width", "act_latent"))

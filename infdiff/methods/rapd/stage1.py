@@ -66,6 +66,20 @@ def _set(tree, path, value):
   return tree
 
 
+def roughness(z: jax.Array) -> jax.Array:
+  """Scale-free high-frequency share of a latent [B, h, w, C]: 1 for white noise, 0 if flat.
+
+  Per channel, the mean squared difference of horizontal and vertical neighbours over 4x
+  the channel's variance in the batch (stop-gradient, so the encoder cannot lower it by
+  shrinking the latent), then the mean over channels.
+  """
+  z = z.astype(jnp.float32)
+  dh = jnp.mean(jnp.square(z[:, 1:] - z[:, :-1]), axis=(0, 1, 2))  # [C]
+  dw = jnp.mean(jnp.square(z[:, :, 1:] - z[:, :, :-1]), axis=(0, 1, 2))
+  var = jax.lax.stop_gradient(jnp.var(z, axis=(0, 1, 2)))
+  return jnp.mean((dh + dw) / (4.0 * var + 1e-8))
+
+
 class Method(base.Method):
   """RaPD stage 1 (also the renderer ablations liif / clif / cqar)."""
 
@@ -130,10 +144,13 @@ class Method(base.Method):
     return {"model": variables["params"]}
 
   # --- loss -----------------------------------------------------------------------
-  def _rec_loss(self, rgb, target, aux):
+  def _rec_loss(self, rgb, target, aux, z):
     l1 = jnp.mean(jnp.abs(rgb.astype(jnp.float32) - target))
-    metrics = {"l1": l1}
+    rough = roughness(z)
+    metrics = {"l1": l1, "roughness": rough}
     loss = l1
+    if self.cfg.smooth_weight > 0:
+      loss = loss + self.cfg.smooth_weight * rough
     if self.lpips is not None:
       lp = jnp.mean(self.lpips.apply(aux["lpips"], rgb.astype(jnp.float32), target))
       metrics["lpips"] = lp
@@ -158,7 +175,7 @@ class Method(base.Method):
     if self.teacher is None:
       z = self.model.apply({"params": p}, image, method="encode")
       rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
-      return self._rec_loss(rgb, target, aux)
+      return self._rec_loss(rgb, target, aux, z)
 
     d = self.cfg.distill
     teacher = self._teacher_tokens(aux, image)  # [B, h*w, D], constant
@@ -172,7 +189,7 @@ class Method(base.Method):
 
     def rec_of(z):
       rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
-      return self._rec_loss(rgb, target, aux)
+      return self._rec_loss(rgb, target, aux, z)
 
     def distill_of(z):
       student = self.model.apply({"params": p}, z, *hw, method="project")  # [B, h*w, D]

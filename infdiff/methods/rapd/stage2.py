@@ -118,8 +118,10 @@ class Method(base.Method):
       raise FileNotFoundError(f"stage-1 run {self.s1_dir} has no latent_stats.json")
     self.latent_mean = np.asarray(stats["mean"], np.float32)  # [C]
     self.latent_std = np.asarray(stats["std"], np.float32)  # [C]
-    # The latent grid (and so the image size stage 2 trains on) is stage 1's encoder size.
-    self.latent_size = int(self.s1_cfg.enc_size)
+    # Stage 2 trains on images of stage 1's encoder size; the latent grid is that size over
+    # the encoder's latent stride (1 in RaPD: the latent keeps the image resolution).
+    self.image_size = int(self.s1_cfg.enc_size)
+    self.latent_size = self.image_size // int(self.s1_cfg.encoder.get("downsample", 1))
     if self.latent_size % c.dit.patch:
       raise ValueError(
           f"stage-1 latent side {self.latent_size} is not a multiple of rapd_stage2.dit.patch="
@@ -143,7 +145,7 @@ class Method(base.Method):
     del split
     return transforms.Compose(
         (
-            transforms.RandomResizedSquare(size=self.latent_size),
+            transforms.RandomResizedSquare(size=self.image_size),
             transforms.Tokenize(self.text.tokenize_one),
         )
     )
