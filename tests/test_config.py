@@ -44,6 +44,19 @@ def test_paper_stage2_models_1024_tokens_of_the_stage1_latent():
   assert demo.rapd_stage1.enc_size % demo.rapd_stage2.dit.patch == 0
 
 
+def test_long_preset_is_the_demo_with_a_larger_longer_stage2():
+  demo, long = _rapd("demo"), _rapd("long")
+  assert _rapd("demo,long").to_dict() == long.to_dict()
+  assert long.stages == demo.stages and long.data.source == demo.data.source == "shapes"
+  assert long.rapd_stage1.to_dict() == demo.rapd_stage1.to_dict()
+  d, s1 = long.rapd_stage2.dit, long.rapd_stage1
+  # The DiT is wider than a token of the stage-1 latent (p^2 C), the demo's is not.
+  assert d.width > d.patch**2 * s1.encoder.latent_channels >= demo.rapd_stage2.dit.width
+  assert long.total_steps == 6 * demo.total_steps
+  assert long.rapd_stage2.optim.decay_steps == long.total_steps
+  assert long.evals.shapes_eval.every == long.checkpoint_every
+
+
 def test_paper_turns_the_losses_on_and_the_demo_only_with_directories():
   paper, stage2 = _rapd(""), _rapd("stage2")
   assert paper.rapd_stage1.lpips_weight == 1.0 and paper.rapd_stage1.distill.weight == 0.1

@@ -13,7 +13,7 @@ import pytest
 
 from infdiff import fields
 from infdiff.losses import distill
-from infdiff.methods.rapd.stage1 import Method, _get, _set
+from infdiff.methods.rapd.stage1 import Method, _get, _set, roughness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,6 +159,33 @@ def test_lpips_path_runs_with_random_weights(tmp_path):
   loss, metrics = m.loss("model", params, m.prepare(None), batch, None, 0)
   assert np.isfinite(float(metrics["lpips"])) and float(metrics["lpips"]) > 0
   assert float(loss) == pytest.approx(float(metrics["l1"] + metrics["lpips"]), rel=1e-5)
+
+
+def test_roughness_known_answers():
+  # A flat latent has no high frequencies; white noise has E(a - b)^2 = 2 var per axis.
+  assert float(roughness(jnp.ones((2, 8, 8, 3)))) == pytest.approx(0.0, abs=1e-6)
+  noise = jax.random.normal(jax.random.PRNGKey(0), (8, 64, 64, 4))
+  assert float(roughness(noise)) == pytest.approx(1.0, abs=0.02)
+  # A ramp a * i down the rows: steps a^2 along rows, 0 along columns, variance
+  # a^2 (h^2 - 1) / 12, so roughness = 3 / (h^2 - 1), whatever a (scale-free).
+  for a in (0.1, 7.0):
+    ramp = jnp.broadcast_to(a * jnp.arange(8.0)[None, :, None, None], (2, 8, 5, 3))
+    assert float(roughness(ramp)) == pytest.approx(3.0 / 63.0, rel=1e-5)
+
+
+def test_smooth_weight_adds_the_roughness_penalty(tmp_path):
+  c = _config()
+  assert c.rapd_stage1.smooth_weight == 0.0  # off in every preset
+  batch = _batch()
+  m = Method(c, "rapd_stage1", str(tmp_path / "w"))
+  params = {"model": nn.unbox(m.init(jax.random.PRNGKey(0), batch)["model"])}
+  loss0, metrics = m.loss("model", params, m.prepare(None), batch, None, 0)
+  assert float(loss0) == pytest.approx(float(metrics["l1"]), rel=1e-6)
+  c.rapd_stage1.smooth_weight = 0.5
+  m = Method(c, "rapd_stage1", str(tmp_path / "w"))
+  loss, metrics = m.loss("model", params, m.prepare(None), batch, None, 0)
+  want = metrics["l1"] + 0.5 * metrics["roughness"]
+  assert 0.0 < float(metrics["roughness"]) and float(loss) == pytest.approx(float(want), rel=1e-5)
 
 
 @pytest.mark.parametrize("renderer", ["cqar", "liif", "clif"])
