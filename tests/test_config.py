@@ -52,7 +52,7 @@ def test_long_preset_is_the_demo_with_a_larger_longer_stage2():
   d, s1 = long.rapd_stage2.dit, long.rapd_stage1
   # The DiT is wider than a token of the stage-1 latent (p^2 C), the demo's is not.
   assert d.width > d.patch**2 * s1.encoder.latent_channels >= demo.rapd_stage2.dit.width
-  assert long.total_steps == 6 * demo.total_steps
+  assert long.total_steps == 4 * demo.total_steps
   assert long.rapd_stage2.optim.decay_steps == long.total_steps
   assert long.evals.shapes_eval.every == long.checkpoint_every
 

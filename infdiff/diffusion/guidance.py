@@ -43,7 +43,8 @@ def bind_cfg(
 
   Args:
     model_fn: `(x [B, ...], t [B] or scalar, cond) -> out [B, ...]`.
-    scale: guidance scale g, scalar or [B] (may be traced).
+    scale: guidance scale g, scalar or [B] (may be traced), or a function of the time t
+      the guided function is called with (a guidance schedule, e.g. an interval).
     cond: conditioning pytree, every leaf with batch B first.
     uncond: unconditional pytree of the same structure and shapes, or None for plain
       conditional evaluation (batch B, no guidance).
@@ -61,7 +62,7 @@ def bind_cfg(
     t2 = t if t.ndim == 0 else jnp.concatenate([t, t], axis=0)
     out = model_fn(jnp.concatenate([x, x], axis=0), t2, both)
     out_c, out_u = jnp.split(out, 2, axis=0)
-    return combine(out_c, out_u, scale)
+    return combine(out_c, out_u, scale(t) if callable(scale) else scale)
 
   return guided
 

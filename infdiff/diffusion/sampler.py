@@ -47,6 +47,7 @@ def euler_sample(
     cfg_scale: float | jax.Array = 1.0,
     cond: Any = None,
     uncond: Any = None,
+    cfg_interval: tuple[float, float] | None = None,
 ) -> jax.Array:
   """Euler integration of the learned velocity from noise to data.
 
@@ -66,7 +67,11 @@ def euler_sample(
   ts = time_grid(num_steps, shift)
   b = noise.shape[0]
   # Bound outside the loop, so cond and uncond are concatenated once, not per step.
-  velocity = guidance.bind_cfg(velocity_fn, cfg_scale, cond, uncond)
+  scale = cfg_scale
+  if cfg_interval is not None:
+    lo, hi = (float(v) for v in cfg_interval)
+    scale = lambda t: jnp.where((t >= lo) & (t <= hi), jnp.asarray(cfg_scale, jnp.float32), 1.0)
+  velocity = guidance.bind_cfg(velocity_fn, scale, cond, uncond)
 
   def step(i, x):
     t, t_next = ts[i], ts[i + 1]

@@ -87,14 +87,28 @@ class TextToImage(base.LatentGenerator):
 
   conditional = True
 
-  def __init__(self, method, params, aux, *, num_steps=None, cfg_scale=None, batch_size=None):
+  def __init__(
+      self,
+      method,
+      params,
+      aux,
+      *,
+      num_steps=None,
+      cfg_scale=None,
+      batch_size=None,
+      cfg_interval=None,
+      shift=None,
+  ):
     s = method.cfg.sample
     self.method = method
     self.params = params
     self.aux = aux
     self.num_steps = int(num_steps or s.num_steps)
     self.cfg_scale = float(s.cfg_scale if cfg_scale is None else cfg_scale)
-    self.shift = float(method.cfg.flow.shift)
+    lo, hi = s.get("cfg_interval", (0.0, 1.0)) if cfg_interval is None else cfg_interval
+    self.cfg_interval = (float(lo), float(hi))
+    # The Euler grid's shift: the training shift unless sample.shift (or shift=) is set.
+    self.shift = float(shift or s.get("shift", 0.0) or method.cfg.flow.shift)
     self.batch_size = int(batch_size or s.batch_size)
     self.max_size = int(s.max_size)
     self.autoencoder = Autoencoder(
@@ -130,6 +144,7 @@ class TextToImage(base.LatentGenerator):
         cfg_scale=cfg_scale,
         cond=(cond.hidden, mask),
         uncond=(uncond.hidden, jnp.zeros_like(mask)),
+        cfg_interval=None if self.cfg_interval == (0.0, 1.0) else self.cfg_interval,
     )
     return m.denormalise(aux, x1)  # [B, r, r, C]
 

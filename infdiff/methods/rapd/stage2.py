@@ -230,10 +230,12 @@ class Method(base.Method):
 
   # --- sampling ---------------------------------------------------------------------
   def make_inference(self, params, aux, **options):
-    """The text-to-image `Generator` (options: num_steps, cfg_scale, batch_size)."""
+    """The text-to-image `Generator` (options: num_steps, cfg_scale, batch_size, cfg_interval,
+    shift; each defaults to rapd_stage2.sample)."""
     from infdiff.methods.rapd import pipeline
 
-    unknown = sorted(set(options) - {"num_steps", "cfg_scale", "batch_size"})
+    allowed = {"num_steps", "cfg_scale", "batch_size", "cfg_interval", "shift"}
+    unknown = sorted(set(options) - allowed)
     if unknown:
       raise ValueError(f"{self.stage} sampling has no option(s) {', '.join(unknown)}")
     return pipeline.TextToImage(self, params, aux, **options)
