@@ -90,6 +90,28 @@ def test_euler_cfg_exact_on_constant_velocity():
   np.testing.assert_allclose(out, noise + want[:, None, None, None], atol=1e-5)
 
 
+def test_euler_cfg_interval_guides_only_inside_it():
+  # Constant velocities: the result is noise + the sum over steps of (step length) x
+  # (guided velocity), with g inside [lo, hi] and g = 1 (the conditional velocity) outside.
+  def velocity_fn(x, t, cond):
+    return jnp.broadcast_to(cond[:, None], x.shape)
+
+  noise = jnp.zeros((2, 3))
+  cond, uncond = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.5])
+  g, lo, hi = 3.0, 0.25, 0.6
+  kw = dict(num_steps=10, shift=1.0, cfg_scale=g, cond=cond, uncond=uncond)
+  out = euler_sample(velocity_fn, noise, cfg_interval=(lo, hi), **kw)
+  ts = np.linspace(0.0, 1.0, 11)[:-1]  # step start times; each step is 0.1 long
+  inside = float(np.sum((ts >= lo - 1e-6) & (ts <= hi + 1e-6)) * 0.1)  # 0.3, 0.4, 0.5, 0.6
+  want = cond + inside * (g - 1.0) * (cond - uncond)
+  np.testing.assert_allclose(out, np.broadcast_to(want[:, None], (2, 3)), atol=1e-5)
+  # The whole range is plain CFG; an interval no step starts in is conditional sampling.
+  full = euler_sample(velocity_fn, noise, cfg_interval=(0.0, 1.0), **kw)
+  np.testing.assert_allclose(full, euler_sample(velocity_fn, noise, **kw), atol=1e-6)
+  none = euler_sample(velocity_fn, noise, cfg_interval=(2.0, 3.0), **kw)
+  np.testing.assert_allclose(none, np.broadcast_to(cond[:, None], (2, 3)), atol=1e-5)
+
+
 def test_euler_traces_denoiser_once_and_calls_it_num_steps_times():
   traces, calls, times = [], [], []
 
