@@ -279,3 +279,38 @@ def test_contracts_from_a_run_directory(run_dir):
     ae.encode(x[:, :-1])
   with pytest.raises(ValueError, match="no option"):
     runs.load_generator(str(run_dir), no_such_option=1)
+
+
+def _script(name):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_trajectory_from_t0_1_scores_the_reconstructions(run_dir, capsys):
+  """t0 = 1 starts at the data latent itself: the score is that of the reconstructions."""
+  from infdiff import runs
+  from infdiff.data import shapes
+  from infdiff.evaluators import shapes_detector
+
+  _script("rapd_trajectory").main([f"--workdir={run_dir}", "--num=2", "--cfg=4", "--t0=0,1"])
+  rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+  assert [(float(r[0]), float(r[1])) for r in rows] == [(4.0, 0.0), (4.0, 1.0)]
+  ae = runs.load_autoencoder(str(run_dir))
+  r = ae.input_size[0]
+  prompts = shapes.eval_prompts(2)
+  gt = np.stack([shapes.render_scene(s, r, r) for _, _, s in prompts])
+  rec = np.clip(ae.render(ae.encode(gt), r, r), 0.0, 1.0)
+  assert float(rows[1][-1]) == pytest.approx(
+      shapes_detector.shapes_eval(list(rec), prompts)["overall"], abs=1e-3
+  )
+
+
+def test_caption_coverage_of_the_shapes_vocabulary(run_dir, capsys):
+  _script("caption_coverage").main([f"--workdir={run_dir}", "--num=2", "--captions=300"])
+  out = capsys.readouterr().out
+  assert "missing from the vocabulary: none" in out
+  assert "all 28 possible: 28" in out
