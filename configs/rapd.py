@@ -158,7 +158,7 @@ def stage2_config(p) -> ml_collections.ConfigDict:
   # (32^2 x 8) gives ~1.4, which left the high-noise times where layouts form almost
   # untrained (3% of training times below t = 0.1; 14% at 3.0): a 1.4 model's one-step
   # denoising from t >= 0.35 scores ShapesEval 0.96-1.0, yet sampling from pure noise
-  # scores 0.15 (README: RaPD stage 2 on the demo).
+  # scores about 0.2 (README: RaPD stage 2 on the demo).
   c.flow.shift = 3.0 if demo else 32.0
   c.repa = ml_collections.ConfigDict()
   use_repa = p.repa and (bool(p.teacher) or not demo)
@@ -178,7 +178,7 @@ def stage2_config(p) -> ml_collections.ConfigDict:
   c.sample.cfg_scale = 4.0  # guidance g (choice)
   # Guide only at times t in [lo, hi] (Kynkaanniemi et al. 2024); (0, 1) guides every step.
   # On a long-preset model trained with shift 1.4, (0.2, 1) scored ShapesEval 0.07 against
-  # 0.15 for (0, 1) (README: RaPD stage 2 on the demo).
+  # 0.20 for (0, 1) (README: RaPD stage 2 on the demo).
   c.sample.cfg_interval = (0.0, 1.0)
   c.sample.shift = 0.0  # Euler-grid shift; 0 = the training shift (flow.shift)
   c.sample.batch_size = 8  # latents denoised per compiled call
