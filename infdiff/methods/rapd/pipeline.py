@@ -144,7 +144,7 @@ class TextToImage(base.LatentGenerator):
         cfg_scale=cfg_scale,
         cond=(cond.hidden, mask),
         uncond=(uncond.hidden, jnp.zeros_like(mask)),
-        cfg_interval=None if self.cfg_interval == (0.0, 1.0) else self.cfg_interval,
+        cfg_interval=self.cfg_interval,
     )
     return m.denormalise(aux, x1)  # [B, r, r, C]
 
