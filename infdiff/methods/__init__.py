@@ -14,6 +14,8 @@ import importlib
 STAGES = {
     "rapd_stage1": "infdiff.methods.rapd.stage1",
     "rapd_stage2": "infdiff.methods.rapd.stage2",
+    "infd_ae": "infdiff.methods.infd.autoencoder",
+    "infd_ldm": "infdiff.methods.infd.ldm",
 }
 
 

@@ -217,3 +217,40 @@ class LatentGenerator(Generator):
     z = self.latents(self.check_conditions(conditions), num=num, seed=seed)
     for w, h in sizes:
       yield (w, h), self.render(z, h, w)
+
+
+class GuidablePrior(abc.ABC):
+  """A latent diffusion prior whose samples are fields, opened up for guided sampling.
+
+  Diffusion posterior sampling (`infdiff.guide`, DPS) needs, at every step, the predicted
+  clean latent, a differentiable path from it to pixels at arbitrary coordinates, and the
+  sampler's schedule. A `LatentGenerator` that also subclasses this exposes exactly that,
+  as pure JAX functions with the parameters closed over, so the guidance code never
+  imports a method:
+
+  - `latent_shape`: (h, w, C) of one latent.
+  - `schedule`, `parameterization`: the discrete Gaussian diffusion it was trained with
+    (`infdiff.diffusion.gaussian`).
+  - `model_fn()`: `(x [B, h, w, C], t [B] int32) -> output` (the parameterisation's).
+  - `field_fn()`: `x0 [B, h, w, C] (the diffusion latent) -> field`, any pytree the render
+    function takes (INFD: the decoded feature map phi).
+  - `render_fn()`: `(field, coords [B, H, W, 2], cells [B, 2]) -> rgb [B, H, W, 3]` in
+    [0, 1] (not clipped), differentiable; coords are points of the [-1, 1]^2 domain
+    (METHODS.md), so a box of the canvas is rendered at its own grid without the rest.
+  """
+
+  latent_shape: tuple[int, int, int]
+  schedule: Any
+  parameterization: str = "eps"
+
+  @abc.abstractmethod
+  def model_fn(self):
+    """The denoiser `(x, t) -> output`, parameters closed over."""
+
+  @abc.abstractmethod
+  def field_fn(self):
+    """`x0 latent -> field` (differentiable)."""
+
+  @abc.abstractmethod
+  def render_fn(self):
+    """`(field, coords, cells) -> rgb` (differentiable)."""

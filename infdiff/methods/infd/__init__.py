@@ -1,0 +1,1 @@
+"""INFD (papers/infd.txt): `autoencoder` (stage infd_ae) and `ldm` (stage infd_ldm)."""
