@@ -69,7 +69,9 @@ def ae_config(p) -> ml_collections.ConfigDict:
           weight=1.0,  # weight of the codebook loss in the generator loss
       )
   )
-  c.kl_weight = 1e-6  # KL bottleneck weight (LDM KL-f4: 1e-6)
+  # KL bottleneck weight (LDM KL-f4: 1e-6), relative to LDM's reconstruction summed over
+  # the pixels of an image; the loss averages it, so it divides this by the values per target.
+  c.kl_weight = 1e-6
   # CLIF: nearest phi feature + relative coordinate and cell scaled to phi's grid ->
   # conv3x3 -> 2 pre-activation ResBlocks -> norm, swish, conv3x3 -> RGB.
   c.renderer = ml_collections.ConfigDict(

@@ -100,9 +100,23 @@ def train_and_evaluate(config, workdir: str) -> None:
     train_stage(config, stage, os.path.join(workdir, stage))
 
 
-def _make_loader(config, stage_cfg, transform, split, seed, num_epochs=None, batch_size=None):
+def _make_loader(
+    config,
+    stage_cfg,
+    transform,
+    split,
+    seed,
+    num_epochs=None,
+    batch_size=None,
+    source_fn=None,
+):
+  """The data loader of a stage; `source_fn(source, split)` may wrap the config's source
+  (`Method.data_source`, e.g. resolution balancing)."""
   from infdiff.data import pipeline
 
+  source = None
+  if source_fn is not None:
+    source = source_fn(pipeline.source_from_config(config.data, split=split), split)
   return pipeline.make_loader(
       config.data,
       transform,
@@ -112,6 +126,7 @@ def _make_loader(config, stage_cfg, transform, split, seed, num_epochs=None, bat
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       num_epochs=num_epochs,
+      source=source,
   )
 
 
@@ -288,7 +303,9 @@ def train_stage(config, stage: str, workdir: str) -> TrainState | None:
   # Data first: a bad source fails here, before anything compiles and before the
   # checkpoint manager starts its background threads.
   transform = method.data_transform("train")
-  data_iter = _make_loader(config, config[stage], transform, "train", config.seed)
+  data_iter = _make_loader(
+      config, config[stage], transform, "train", config.seed, source_fn=method.data_source
+  )
   mngr = ckpt_lib.manager(
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, save_every=1
   )

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from infdiff.data import decode as decode_lib
 
@@ -114,6 +115,8 @@ class FileSource:
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason)
   min_size: int = decode_lib.DEFAULT_MIN_SIZE  # the decode limits the pipeline applies
   max_pixels: int = decode_lib.DEFAULT_MAX_PIXELS
+  # (height, width) per path from the header scan (empty when built without one).
+  sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -158,23 +161,24 @@ def scan_files(
     ValueError: (one line) when no file is usable.
   """
 
-  def check(path: str) -> str | None:
+  def check(path: str) -> tuple[str | None, tuple[int, int]]:
     try:
-      decode_lib.probe_file(path, min_size=min_size, max_pixels=max_pixels)
+      header = decode_lib.probe_file(path, min_size=min_size, max_pixels=max_pixels)
     except decode_lib.DecodeError as e:
-      return e.reason
+      return e.reason, (0, 0)
     except OSError:
-      return "unreadable"  # missing file, permission denied, I/O error
-    return None
+      return "unreadable", (0, 0)  # missing file, permission denied, I/O error
+    return None, (header.height, header.width)
 
   paths = [p for p, _ in entries]
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-    reasons = list(pool.map(check, paths))
-  keep_paths, keep_caps, skipped = [], [], []
-  for (path, caption), reason in zip(entries, reasons):
+    results = list(pool.map(check, paths))
+  keep_paths, keep_caps, keep_sizes, skipped = [], [], [], []
+  for (path, caption), (reason, size) in zip(entries, results):
     if reason is None:
       keep_paths.append(path)
       keep_caps.append(caption)
+      keep_sizes.append(size)
     else:
       skipped.append((path, reason))
   if not keep_paths:
@@ -183,7 +187,7 @@ def scan_files(
         f"no valid image in {name} ({len(entries)} candidate files, skipped: "
         f"{_format_counts(dict(counts))})"
     )
-  return FileSource(keep_paths, keep_caps, name, skipped, min_size, max_pixels)
+  return FileSource(keep_paths, keep_caps, name, skipped, min_size, max_pixels, keep_sizes)
 
 
 def list_images(root: str) -> list[str]:
@@ -426,3 +430,105 @@ def load_record(record: dict[str, Any], *, min_size: int, max_pixels: int) -> di
       record["encoded"], min_size=min_size, max_pixels=max_pixels
   )
   return out
+
+
+# --------------------------------------------------------------------------- balancing
+
+
+def short_sides(source: Any) -> np.ndarray:
+  """Short side of every record of `source`: int64 [len(source)].
+
+  From the header scan of file sources (`FileSource.sizes`), from `size` for sources of one
+  size (ShapesSource), else by reading every record once (decoded arrays or encoded
+  headers: slow for large TFDS datasets, so it is only done when balancing is asked for).
+  """
+  n = len(source)
+  sizes = getattr(source, "sizes", None)
+  if sizes is not None and len(sizes) == n:
+    return np.array([min(hw) for hw in sizes], np.int64)
+  size = getattr(source, "size", None)
+  if isinstance(size, int):
+    return np.full((n,), size, np.int64)
+  logging.info("reading the size of each of the %d records of %r (no size index)", n, source)
+  out = np.empty((n,), np.int64)
+  for i in range(n):
+    rec = source[i]
+    if "image" in rec:
+      out[i] = min(np.shape(rec["image"])[:2])
+    else:
+      try:
+        header = decode_lib.probe_image(rec["encoded"], min_size=0, max_pixels=2**62)
+        out[i] = min(header.width, header.height)
+      except decode_lib.DecodeError:
+        out[i] = 0  # undecodable: the pipeline skips it anyway; count it as low-resolution
+  return out
+
+
+@dataclasses.dataclass
+class BalancedSource:
+  """A source in which a fixed fraction of the records come from a high-resolution subset.
+
+  INFD (Sec. 5.3) samples "images from the high-resolution subset with a probability of
+  0.5". Here as a virtual dataset of L slots: round(fraction * L) slots hold high-resolution
+  images, the others low-resolution ones, each subset repeated cyclically in a seeded
+  random order and the slots placed at random. L is the smallest length in which every
+  image appears at least once, `max(n_lo / (1 - f), n_hi / f)`. The pipeline shuffles
+  and repeats this dataset like any other, so every epoch has exactly the fraction, covers
+  every image, and each process's shard (slots i % process_count) gets the fraction in
+  expectation. Picklable (plain arrays), so grain workers can read from it.
+  """
+
+  source: Any  # the wrapped source
+  index_map: np.ndarray  # int64 [L] source index of every slot
+  is_hires: np.ndarray  # bool [L] whether the slot holds a high-resolution image
+
+  def __len__(self) -> int:
+    return len(self.index_map)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.source[int(self.index_map[index])]
+
+  @property
+  def skip_counts(self):
+    return getattr(self.source, "skip_counts", None)
+
+  @property
+  def hires_fraction(self) -> float:
+    return float(np.mean(self.is_hires))
+
+
+def balance_by_size(source: Any, min_side: int, fraction: float, seed: int = 0) -> Any:
+  """`BalancedSource` drawing `fraction` of its records from images with short side >=
+  `min_side`, or `source` itself when there is nothing to balance.
+
+  Args:
+    source: a random-access source.
+    min_side: short side from which an image counts as high-resolution (INFD: r_max).
+    fraction: share of high-resolution records in (0, 1]; 0 turns balancing off.
+    seed: seed of the slot layout.
+
+  Returns:
+    A `BalancedSource`, or `source` unchanged when fraction is 0 or all images fall on one
+    side of `min_side` (balancing would change nothing, or could not be met).
+  """
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"the high-resolution fraction must be in [0, 1], got {fraction}")
+  if fraction == 0.0:
+    return source
+  sides = short_sides(source)
+  hires = np.flatnonzero(sides >= min_side)
+  lowres = np.flatnonzero(sides < min_side)
+  if len(hires) == 0 or (len(lowres) == 0 and fraction < 1.0):
+    return source
+  if fraction == 1.0:
+    length = len(hires)
+  else:
+    length = int(max(np.ceil(len(lowres) / (1.0 - fraction)), np.ceil(len(hires) / fraction)))
+  n_hi = int(round(fraction * length))
+  rng = np.random.default_rng([seed, 0xBA1])
+  is_hires = np.zeros((length,), bool)
+  is_hires[rng.choice(length, n_hi, replace=False)] = True
+  index_map = np.empty((length,), np.int64)
+  index_map[is_hires] = np.resize(rng.permutation(hires), n_hi)
+  index_map[~is_hires] = np.resize(rng.permutation(lowres), length - n_hi)
+  return BalancedSource(source, index_map, is_hires)

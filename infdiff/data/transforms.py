@@ -124,6 +124,106 @@ class MultiResCrop:
     return out
 
 
+def center_square(image: np.ndarray) -> np.ndarray:
+  """The largest centred square of [H, W, C] (the whole image when it is square)."""
+  h, w = image.shape[:2]
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  return image[top : top + s, left : left + s]
+
+
+def resized_window(image: np.ndarray, size: int, top: int, left: int, p: int) -> np.ndarray:
+  """The window [top:top+p, left:left+p] of `resize_square(image, size)`, computed alone.
+
+  Downsampling is the exact area filter, separable, so only the output rows and columns
+  of the window and the input pixels under them are computed (a 256^2 window of a 1024^2
+  image resized to 700 costs ~ p S^2 instead of S^2 r). Upscaling (bicubic) resizes the
+  whole image first.
+
+  Args:
+    image: uint8 [S, S, 3].
+    size: side of the virtual resized image.
+    top: first row of the window in the resized image.
+    left: first column.
+    p: window side.
+
+  Returns:
+    float32 [p, p, 3] in [0, 1].
+  """
+  s = image.shape[0]
+  if s < size:
+    return resize_square(image, size)[top : top + p, left : left + p]
+  m = fields.area_matrix(s, size)  # [size, S]; rows of a square image and columns alike
+  my, mx = m[top : top + p], m[left : left + p]  # [p, S]
+  rows = np.flatnonzero(my.any(0))  # input rows under the window
+  cols = np.flatnonzero(mx.any(0))
+  y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+  sub = image[y0:y1, x0:x1].astype(np.float32)
+  out = np.einsum("oh,hwc->owc", my[:, y0:y1], sub)
+  out = np.einsum("pw,owc->opc", mx[:, x0:x1], out)
+  return np.clip(out / 255.0, 0.0, 1.0).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class INFDPatch:
+  """INFD's training example (METHODS.md: INFD; paper Sec. 4.2 "patch-wise decoding").
+
+  Per record, with the image I made square first (its centred square: INFD's data are
+  square, and the encoder sees "the whole image"; a non-square image loses the ends of
+  its long side, as MultiResCrop's crops do):
+    encoder input  I resized to enc_size (`resize_square`: area down, bicubic up);
+    target side    r ~ U{enc_size .. min(S, r_max)} (S = the square's side), or
+                   r = min(S, r_max) with `fix_r` (the paper's Fix-1024 ablation); an image
+                   smaller than enc_size is upscaled and r = enc_size;
+    target         a uniformly random patch x patch window of I resized to r;
+    coord, cell    the window's pixel centres in the [-1, 1]^2 domain of the r x r image
+                   (`fields.crop_grid(r, r, top, left, P, P)`) and cell (2 / r, 2 / r).
+  Shapes are static whatever r is. Balancing of mixed-resolution data (the paper's
+  `hires_fraction`) happens at the source: `infdiff.data.sources.balance_by_size`.
+
+  Output: {'image': float32 [enc, enc, 3] in [0, 1], 'target': float32 [P, P, 3] in
+  [0, 1], 'coord': float32 [P, P, 2], 'cell': float32 [2], 'scale': float32 [] (r / enc),
+  'caption', 'id'}.
+  """
+
+  enc_size: int = 256  # encoder input side (INFD: 256)
+  r_max: int = 1024  # largest target side (INFD: 1024)
+  patch: int = 256  # supervised window side P (INFD: 256); P <= enc_size
+  fix_r: bool = False  # r = min(S, r_max) always (Fix-1024 ablation)
+
+  def __post_init__(self):
+    if not 0 < self.patch <= self.enc_size <= self.r_max:
+      raise ValueError(
+          f"INFDPatch needs 0 < patch ({self.patch}) <= enc_size ({self.enc_size}) "
+          f"<= r_max ({self.r_max})"
+      )
+
+  def target_side(self, short_side: int, rng: np.random.Generator) -> int:
+    """r for an image whose square has side `short_side`."""
+    hi = max(self.enc_size, min(short_side, self.r_max))
+    if self.fix_r:
+      return hi
+    return int(rng.integers(self.enc_size, hi + 1))
+
+  def __call__(self, record, rng: np.random.Generator, batch_rng: np.random.Generator):
+    del batch_rng
+    image = center_square(record["image"])  # [S, S, 3] uint8
+    s = image.shape[0]
+    r = self.target_side(s, rng)
+    p = self.patch
+    top = int(rng.integers(0, r - p + 1))
+    left = int(rng.integers(0, r - p + 1))
+    out = _passthrough(record)
+    out.update(
+        image=resize_square(image, self.enc_size),  # [enc, enc, 3]
+        target=resized_window(image, r, top, left, p),  # [P, P, 3]
+        coord=fields.crop_grid(r, r, top, left, p, p),  # [P, P, 2]
+        cell=fields.cell_size(r, r),  # [2]
+        scale=np.float32(r / self.enc_size),  # []
+    )
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class RandomResizedSquare:
   """A random square crop resized to size x size (stage-2 style training images).
@@ -186,6 +286,7 @@ class Compose:
 TRANSFORMS: dict[str, Callable[..., Any]] = {
     "multires_crop": MultiResCrop,
     "random_resized_square": RandomResizedSquare,
+    "infd_patch": INFDPatch,
 }
 
 

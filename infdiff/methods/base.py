@@ -13,6 +13,9 @@ evaluation. A method supplies the parts that differ:
   0 keeps no copy (`TrainState.ema` is empty and inference uses the parameters).
 - `data_transform(split)`: the host-side transform from source records to training
   examples (e.g. the multi-resolution crop).
+- `data_source(source, split)`: the training source the trainer reads, given the one the
+  data config names (default: unchanged). A method that samples records unevenly wraps it
+  (INFD draws a fixed share from the high-resolution images, `sources.balance_by_size`).
 - `prepare(mesh, training=True)`: frozen inputs that are not trained nor checkpointed
   with the run (pretrained teachers loaded from local paths, a frozen previous stage,
   latent statistics). Returned as a pytree and passed to every loss call. Leaves boxed
@@ -76,6 +79,11 @@ class Method:
 
   def data_transform(self, split: str):
     raise NotImplementedError
+
+  def data_source(self, source, split: str):
+    """The source the trainer reads for `split` (default: the config's, unchanged)."""
+    del split
+    return source
 
   def prepare(self, mesh, training: bool = True) -> Any:
     """Frozen inputs of the loss (training) or of inference (training=False)."""

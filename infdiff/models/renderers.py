@@ -237,19 +237,31 @@ class CLIF(nn.Module):
   """Convolutional local image function (INFD): nearest feature + relative coordinate
   and cell, then conv3x3 -> ResBlocks -> conv3x3 over the query grid.
 
-  The ResBlocks are conv-ReLU-conv without normalisation: a norm over the spatial extent
-  (e.g. GroupNorm) would make a pixel depend on the whole grid, breaking both scale
-  consistency of crops and seamless tiling.
+  norm='none' (default): ResBlocks conv-ReLU-conv without normalisation. A norm over the
+  spatial extent would make a pixel depend on the whole grid, so without one crops are
+  scale-consistent and tiles exactly seamless.
+  norm='group' (INFD's official renderer, METHODS.md): pre-activation ResBlocks
+  `x + conv2(swish(GN(conv1(swish(GN(x))))))` and a final GN, swish before conv_out.
+  GroupNorm statistics are taken over the queried grid (valid queries only), so a tile
+  differs slightly from the untiled render; a tile that covers the whole image (plus
+  any halo) equals it.
+
+  The inputs keep this module's units for both norms: offset and cell in latent-cell
+  units, `(x - v) (h, w) / 2` and `c (h, w) / 2`; the official code scales by h, i.e.
+  twice these, which the first conv absorbs.
   """
 
-  features: int = 128  # conv width (choice; INFD calls its renderer lightweight)
+  features: int = 128  # conv width (choice; INFD calls its renderer lightweight; official 256)
   n_resblocks: int = 2  # residual blocks (INFD: 2)
+  norm: str = "none"  # 'none' (seamless tiles) or 'group' (INFD's GroupNorm + swish)
+  norm_groups: int = 32  # GroupNorm groups for norm='group' (INFD: 32)
+  norm_eps: float = 1e-6  # GroupNorm epsilon (LDM's 1e-6)
   rgb_base: str = "none"  # residual base: 'none' | 'bilinear' | 'bicubic' (choice)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
 
   def receptive_radius(self) -> int:
-    """Pixels each side an output depends on: one per 3x3 conv."""
+    """Pixels each side an output depends on: one per 3x3 conv (GroupNorm aside)."""
     return 2 + 2 * self.n_resblocks
 
   def halo(self) -> int:
@@ -263,6 +275,8 @@ class CLIF(nn.Module):
   @nn.compact
   def __call__(self, latent, coords, cells, valid=None) -> jax.Array:
     """Renders a grid of queries; see the module docstring for shapes."""
+    if self.norm not in ("none", "group"):
+      raise ValueError(f"CLIF norm must be 'none' or 'group', got {self.norm!r}")
     q = fields.nearest_latent(latent, coords)
     x = jnp.concatenate(
         [q.feature.astype(coords.dtype), q.offset, _latent_units(latent, coords, cells)], -1
@@ -278,10 +292,31 @@ class CLIF(nn.Module):
       mask = lambda t: t * m
     conv = lambda n, name: conv3x3(n, self.dtype, self.param_dtype, name)
     x = conv(self.features, "conv_in")(mask(x))
-    for i in range(self.n_resblocks):
-      h = nn.relu(conv(self.features, f"block{i}_conv1")(mask(x)))
-      x = x + conv(self.features, f"block{i}_conv2")(mask(h))
-    rgb = conv(3, "conv_out")(mask(x)).astype(jnp.float32)  # [B, H, W, 3]
+    if self.norm == "none":
+      for i in range(self.n_resblocks):
+        h = nn.relu(conv(self.features, f"block{i}_conv1")(mask(x)))
+        x = x + conv(self.features, f"block{i}_conv2")(mask(h))
+      rgb = conv(3, "conv_out")(mask(x)).astype(jnp.float32)  # [B, H, W, 3]
+    else:
+      # Statistics over real pixels only: halo queries beyond the border are no pixels.
+      gmask = None if valid is None else jnp.broadcast_to(valid[..., None], x.shape)
+
+      def norm_act(t, name):
+        gn = nn.GroupNorm(
+            num_groups=self.norm_groups,
+            epsilon=self.norm_eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+            name=name,
+        )
+        return nn.swish(gn(t, mask=gmask))
+
+      for i in range(self.n_resblocks):
+        h = conv(self.features, f"block{i}_conv1")(mask(norm_act(x, f"block{i}_norm1")))
+        x = x + conv(self.features, f"block{i}_conv2")(mask(norm_act(h, f"block{i}_norm2")))
+      rgb = conv(3, "conv_out")(mask(norm_act(x, "norm_out"))).astype(jnp.float32)
     return _add_rgb_base(rgb, latent, coords, self.rgb_base, self.dtype, self.param_dtype)
 
 

@@ -1,0 +1,258 @@
+"""INFD stage 2: a DDPM in the latent of a frozen `infd_ae` autoencoder (METHODS.md: INFD).
+
+x_0 = scale_factor * E(I) is the un-quantised encoder output of the whole image resized to
+the encoder size (LDM's VQ-f4 recipe: the diffusion never sees the quantiser; decoding a
+sample quantises it first). The denoiser is the core ADM UNet predicting eps with the MSE
+loss on uniform timesteps of a linear-beta schedule (`infdiff.diffusion.gaussian`).
+
+Sampling is DDIM (INFD: 200 steps, eta 1) on the latent grid, so its cost does not depend
+on the output size; the stage-1 decoder then gives the feature map phi once per sample and
+CLIF renders it at any size in static-shape tiles. The generator is also a
+`GuidablePrior`: `infdiff.guide` runs diffusion posterior sampling through it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from infdiff import runs
+from infdiff.data import transforms
+from infdiff.diffusion import gaussian
+from infdiff.methods import base
+from infdiff.models.unet import UNet
+
+AE_STAGE = "infd_ae"
+
+
+def stage1_dir(config, workdir: str) -> str:
+  """The autoencoder run: `infd_ldm.stage1_workdir` if set, else the sibling stage."""
+  path = config.infd_ldm.stage1_workdir
+  if path:
+    return path
+  return os.path.join(os.path.dirname(os.path.normpath(workdir)), AE_STAGE)
+
+
+def load_autoencoder_run(path: str):
+  """The frozen `infd_ae` run at `path` (a run or its stage directory), or a one-line error."""
+  stages = runs.stage_dirs(path) if os.path.isdir(path) else {}
+  if AE_STAGE not in stages:
+    have = ", ".join(stages) or "no trained stage"
+    raise FileNotFoundError(
+        f"infd_ldm needs a finished {AE_STAGE} run (infd_ldm.stage1_workdir); {path} has {have}"
+    )
+  return runs.load_run(path, AE_STAGE)
+
+
+def build_unet(cfg, latent_side: int, channels: int) -> UNet:
+  u = cfg.unet
+  return UNet(
+      image_size=latent_side,
+      ch=u.ch,
+      channel_mult=tuple(u.channel_mult),
+      num_res_blocks=u.num_res_blocks,
+      attention_resolutions=tuple(u.attention_resolutions),
+      head_channels=u.head_channels,
+      norm_groups=u.norm_groups,
+      dropout=u.dropout,
+      scale_shift=False,  # LDM's UNetModel default (METHODS.md: INFD stage 2)
+      out_channels=channels,  # eps only (fixed variances)
+      dtype=jnp.dtype(cfg.dtype),
+  )
+
+
+def make_schedule(cfg) -> gaussian.Schedule:
+  d = cfg.diffusion
+  return gaussian.make_schedule(
+      "linear", int(d.num_steps), beta_start=float(d.beta_start), beta_end=float(d.beta_end)
+  )
+
+
+class Method(base.Method):
+  """INFD's latent DDPM on a finished `infd_ae` run."""
+
+  provides = (base.GENERATOR,)
+
+  def __init__(self, config, stage, workdir, *, training=True):
+    super().__init__(config, stage, workdir, training=training)
+    c = self.cfg
+    self.ae_dir = stage1_dir(config, workdir)
+    ae_run = load_autoencoder_run(self.ae_dir)
+    self.ae_method = ae_run.method
+    self.ae = ae_run.method.model
+    self._ae_params = ae_run.method.inference_params(ae_run.params)
+    self._ae_aux = ae_run.aux
+    s1 = ae_run.method.cfg
+    self.image_size = int(s1.enc_size)
+    down = 2 ** (len(s1.ae.ch_mult) - 1)
+    self.latent_side = self.image_size // down
+    self.channels = int(s1.ae.z_channels)
+    levels = len(c.unet.channel_mult)
+    if self.latent_side % 2 ** (levels - 1):
+      raise ValueError(
+          f"the {self.latent_side}x{self.latent_side} latent cannot be halved "
+          f"{levels - 1} times (infd_ldm.unet.channel_mult={tuple(c.unet.channel_mult)})"
+      )
+    self.scale = float(c.scale_factor)
+    self.schedule = make_schedule(c)
+    self.unet = build_unet(c, self.latent_side, self.channels)
+
+  def data_transform(self, split):
+    del split
+    # The whole image at the encoder size (the largest centred-or-random square of a
+    # non-square image, area-downsampled), as stage 1's encoder sees it.
+    return transforms.RandomResizedSquare(size=self.image_size)
+
+  def prepare(self, mesh, training=True):
+    del mesh, training
+    return {"ae": self._ae_params}
+
+  def init(self, rng, batch):
+    b = batch["image"].shape[0]
+    x = jnp.zeros((b, self.latent_side, self.latent_side, self.channels), jnp.float32)
+    return {"model": self.unet.init(rng, x, jnp.zeros((b,), jnp.int32))["params"]}
+
+  def latent(self, aux, image):
+    """The diffusion's x_0: scale_factor * un-quantised encoder output, no gradient."""
+    z = self.ae.apply({"params": aux["ae"]}, image, method="encode")
+    return jax.lax.stop_gradient(z.astype(jnp.float32) * self.scale)
+
+  def loss(self, group, params, aux, batch, rng, step):
+    del group, step
+    r_loss, r_drop = jax.random.split(rng)
+    x0 = self.latent(aux, batch["image"])
+    p = params["model"]
+    model_fn = lambda x, t: self.unet.apply(
+        {"params": p}, x, t, train=True, rngs={"dropout": r_drop}
+    )
+    loss = gaussian.training_loss(
+        model_fn, self.schedule, x0, r_loss, parameterization=self.cfg.diffusion.parameterization
+    )
+    return loss, {"mse": loss}
+
+  # --- sampling ---------------------------------------------------------------------
+  def make_inference(self, params, aux, **options):
+    """`LatentDDPM` (options: num_steps, eta, batch_size, tile; defaults: infd_ldm.sample)."""
+    allowed = {"num_steps", "eta", "batch_size", "tile"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+      raise ValueError(f"{self.stage} sampling has no option(s) {', '.join(unknown)}")
+    return LatentDDPM(self, params, aux, **options)
+
+  def finalize(self, ctx):
+    """Sample grids at the configured sizes into workdir/../samples (the run's root)."""
+    from infdiff import sampling
+
+    gen = self.inference(ctx.state.ema or ctx.state.params, ctx.aux)
+    out = os.path.join(os.path.dirname(os.path.normpath(self.workdir)), "samples")
+    z = gen.latents([""], num=int(self.cfg.sample.num), seed=self.config.seed)
+    for s in self.cfg.sample.sizes:
+      sampling.save_grid(os.path.join(out, f"grid_{s}x{s}.png"), gen.render(z, s, s))
+    logging.info(
+        "[%s] sample grids at %s written to %s", self.stage, list(self.cfg.sample.sizes), out
+    )
+
+
+class LatentDDPM(base.LatentGenerator, base.GuidablePrior):
+  """Unconditional INFD sampler: DDIM in the latent, then the autoencoder's tiled render."""
+
+  conditional = False
+
+  def __init__(self, method, params, aux, *, num_steps=None, eta=None, batch_size=None, tile=None):
+    s = method.cfg.sample
+    self.method = method
+    self.params = params
+    self.aux = aux
+    self.num_steps = int(num_steps or s.num_steps)
+    self.eta = float(s.eta if eta is None else eta)
+    self.batch_size = int(batch_size or s.batch_size)
+    self.tile = int(tile or s.tile)
+    self.max_size = int(s.max_size)
+    self.latent_shape = (method.latent_side, method.latent_side, method.channels)
+    self.schedule = method.schedule
+    self.parameterization = method.cfg.diffusion.parameterization
+    if not 1 <= self.num_steps <= self.schedule.num_steps:
+      raise ValueError(f"num_steps must be in 1..{self.schedule.num_steps}, got {self.num_steps}")
+    self.autoencoder = _autoencoder(method, aux)
+    self.trace_count = 0  # times the sampler was traced (compiled)
+    self._sample = jax.jit(self._sample_impl)
+
+  def set_params(self, params, aux) -> None:
+    self.params, self.aux = params, aux
+
+  # --- GuidablePrior ------------------------------------------------------------------
+  def model_fn(self):
+    p = self.params["model"]
+    unet = self.method.unet
+    return lambda x, t: unet.apply({"params": p}, x, t)
+
+  def field_fn(self):
+    decode = self.autoencoder.decode_fn()
+    scale = self.method.scale
+    return lambda x0: decode(x0 / scale)
+
+  def render_fn(self):
+    return self.autoencoder.render_points_fn()
+
+  # --- sampling -----------------------------------------------------------------------
+  def _sample_impl(self, params, noise, keys, eta):
+    """noise [B, h, w, C], keys [B] -> x_0 [B, h, w, C]: one DDIM chain per sample.
+
+    Each chain draws its step noise from its own key, so a sample depends on its seed and
+    index only, not on the batch it is computed in (the batch is vmapped, not mixed).
+    """
+    self.trace_count += 1
+    unet = self.method.unet
+    p = params["model"]
+    model_fn = lambda x, t: unet.apply({"params": p}, x, t)
+
+    def one(n, k):
+      return gaussian.ddim_sample(
+          model_fn,
+          self.schedule,
+          n[None],
+          k,
+          num_steps=self.num_steps,
+          eta=eta,
+          parameterization=self.parameterization,
+      )[0]
+
+    return jax.vmap(one)(noise, keys)
+
+  def latents(self, conditions, num: int = 1, seed: int = 0) -> np.ndarray:
+    """Diffusion-space latents x_0 [len(conditions) * num, h, w, C] (`render` takes them).
+
+    Sample i starts from noise of fold_in(PRNGKey(seed), i) and draws its DDIM noise from
+    fold_in(that key, 1), whatever the batch it is computed in.
+    """
+    conditions = self.check_conditions(conditions)
+    if num <= 0:
+      raise ValueError(f"--num must be positive, got {num}")
+    n_total = len(conditions) * num
+    key = jax.random.PRNGKey(seed)
+    b = self.batch_size
+    out = []
+    for start in range(0, n_total, b):
+      idx = list(range(start, min(start + b, n_total)))
+      idx += [idx[-1]] * (b - len(idx))  # fixed batch: one compile
+      keys = [jax.random.fold_in(key, i) for i in idx]
+      noise = jnp.stack([jax.random.normal(k, self.latent_shape, jnp.float32) for k in keys])
+      step_keys = jnp.stack([jax.random.fold_in(k, 1) for k in keys])
+      x0 = self._sample(self.params, noise, step_keys, jnp.float32(self.eta))
+      out.append(np.asarray(jax.device_get(x0))[: min(b, n_total - start)])
+    return np.concatenate(out)
+
+  def render(self, latents, height: int, width: int) -> np.ndarray:
+    """[N, h, w, C] diffusion-space latents -> [N, height, width, 3] in [0, 1] (clipped)."""
+    z = np.asarray(latents, np.float32) / self.method.scale  # stage-1 units
+    img = self.autoencoder.render(z, height, width, tile=self.tile)
+    return np.clip(img, 0.0, 1.0, out=img)
+
+
+def _autoencoder(method, aux):
+  """The stage-1 `FieldAutoencoder` on the frozen autoencoder parameters in `aux`."""
+  return method.ae_method.make_inference({"model": aux["ae"]}, method._ae_aux)
