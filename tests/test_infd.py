@@ -183,3 +183,63 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   assert step == 2 * n
   chex.assert_trees_all_equal(state["params"], ref_state["params"])
   chex.assert_trees_all_equal(state["model_state"], ref_state["model_state"])
+
+
+PAPER_TINY = [
+    "--config.data.source=shapes",
+    "--config.data.shapes_size=64",
+    "--config.data.num_threads=1",
+    "--config.infd_ae.enc_size=32",
+    "--config.infd_ae.r_max=64",
+    "--config.infd_ae.patch=32",
+    "--config.infd_ae.batch_size=2",
+    "--config.infd_ae.ae.ch=8",
+    "--config.infd_ae.ae.norm_groups=4",
+    "--config.infd_ae.vq.num_codes=16",
+    "--config.infd_ae.renderer.features=8",
+    "--config.infd_ae.renderer.norm_groups=4",
+    "--config.infd_ae.gan.ndf=4",
+    "--config.infd_ldm.batch_size=2",
+    "--config.infd_ldm.unet.ch=8",
+    "--config.infd_ldm.unet.norm_groups=4",
+    "--config.infd_ldm.unet.head_channels=8",
+    "--config.total_steps=1",
+]
+
+
+def test_paper_configuration_runs_one_step_of_each_stage(tmp_path):
+  """configs/infd.py at paper scale, same code path, only the widths shrunk."""
+  w = tmp_path / "ae"
+  cmd = main_cmd(w, config="configs/infd.py:lpips=none") + PAPER_TINY
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (w / "infd_ae" / "checkpoints" / "1").is_dir()
+  w2 = tmp_path / "ldm"
+  cmd = main_cmd(w2, config="configs/infd.py:ldm") + PAPER_TINY
+  cmd += [f"--config.infd_ldm.stage1_workdir={w}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (w2 / "infd_ldm" / "checkpoints" / "1").is_dir()
+
+
+def test_paper_configuration_without_lpips_directory_refuses_to_start(tmp_path):
+  cmd = main_cmd(tmp_path / "w", config="configs/infd.py") + PAPER_TINY
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert proc.returncode == 2
+  assert "lpips" in proc.stderr.strip().splitlines()[-1].lower(), proc.stderr[-2000:]
+
+
+def test_parameter_count_is_the_sum_of_its_parts():
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  import importlib.util
+
+  import infd_params
+
+  spec = importlib.util.spec_from_file_location("infd_cfg", os.path.join(ROOT, "configs/infd.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  counts = infd_params.count(mod.get_config("demo"))
+  assert counts["sum_of_parts"] == counts["total"] > 0
+  assert all(counts[k] > 0 for k in ("encoder", "codebook", "decoder", "renderer", "latent_unet"))
+  # The codebook is exactly num_codes x z_channels.
+  assert counts["codebook"] == 256 * 3
