@@ -108,6 +108,10 @@ def ae_config(p) -> ml_collections.ConfigDict:
   c.disc_optim = config_lib.optim_config(lr=1e-3 if demo else 3.6e-5, total_steps=0)
   c.disc_optim.b1, c.disc_optim.b2, c.disc_optim.grad_clip = 0.5, 0.9, 0.0
   c.ema_decay = 0.0  # no EMA in stage 1
+  # Latent statistics after training (infd_ae/latent_stats.json; read by infd_ldm when its
+  # scale_factor is 0).
+  c.stats_images = 256 if demo else 10_000
+  c.stats_batch_size = 16
   return c
 
 
@@ -137,7 +141,11 @@ def ldm_config(p) -> ml_collections.ConfigDict:
           parameterization="eps",
       )
   )
-  c.scale_factor = 1.0  # latent multiplier before diffusion (LDM VQ-f4: 1.0, not rescaled)
+  # Latent multiplier before diffusion. LDM's VQ-f4 (the paper): 1.0, not rescaled. 0 means
+  # 1 / (overall std of the autoencoder's latent) from infd_ae/latent_stats.json (LDM's
+  # scale_by_std); the demo's short stage 1 leaves a latent of std ~0.1, where unit noise
+  # drowns the data at every timestep but the first few.
+  c.scale_factor = 0.0 if demo else 1.0
   c.optim = config_lib.optim_config(
       lr=1e-3 if demo else 9.6e-5,  # paper: 9.6e-5 (AdamW)
       total_steps=0,

@@ -3,7 +3,7 @@
 python -m infdiff.guide --workdir=W --canvas=2048x2048 \
     --layout="100,200,1000,1000,a cloud;1400,0,600,2048,a lake" --clip=CLIP_DIR \
     [--lowres=low.png] [--crop=top,left,crop.png ...] [--colours="top,left,h,w,#rrggbb;..."] \
-    [--scale=1.0] [--step_rule=dps] [--steps=200] [--eta=1.0] --num=4 --seed=0 --out=DIR
+    [--scale=1.0] [--step_rule=dps] [--steps=N] [--eta=E] --num=4 --seed=0 --out=DIR
 
 Conditions (any mix, at least one; boxes are top,left,height,width in canvas pixels):
   --lowres=PNG          the whole canvas seen at the PNG's size (area downsampling)
@@ -42,8 +42,8 @@ flags.DEFINE_float("scale", 1.0, "Guidance step size zeta; 0 samples without gui
 flags.DEFINE_enum(
     "step_rule", "dps", ["dps", "plain"], "dps: normalised DPS step; plain: scale*grad."
 )
-flags.DEFINE_integer("steps", 200, "DDIM steps (INFD: 200).")
-flags.DEFINE_float("eta", 1.0, "DDIM eta (INFD: 1).")
+flags.DEFINE_integer("steps", None, "DDIM steps (default: the run's sample.num_steps; INFD: 200).")
+flags.DEFINE_float("eta", None, "DDIM eta (default: the run's sample.eta; INFD: 1).")
 flags.DEFINE_integer("num", 1, "Number of samples.")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/guided).")
@@ -172,8 +172,8 @@ def run(
     clip=None,
     scale=1.0,
     step_rule="dps",
-    steps=200,
-    eta=1.0,
+    steps=None,
+    eta=None,
     num=1,
     seed=0,
     out=None,
@@ -189,7 +189,7 @@ def run(
 
   if num <= 0:
     raise ValueError(f"--num must be positive, got {num}")
-  if steps <= 0:
+  if steps is not None and steps <= 0:
     raise ValueError(f"--steps must be positive, got {steps}")
   h, w = parse_canvas(canvas)
   conds = parse_conditions(
@@ -203,6 +203,9 @@ def run(
     )
   if max(h, w) > gen.max_size:
     raise ValueError(f"--canvas {canvas}: sides must be at most {gen.max_size}")
+  # The run's own sampler settings unless given (a generator without them: INFD's).
+  steps = int(steps or getattr(gen, "num_steps", 200))
+  eta = float(getattr(gen, "eta", 1.0) if eta is None else eta)
   sample = dps.make_sampler(gen, num_steps=steps, eta=eta, step_rule=step_rule)
   out = out or os.path.join(runs.run_root(workdir), "guided")
   labels = _labels(conds)

@@ -27,14 +27,18 @@ BatchNorm statistics updates (see `_gen_loss`). No EMA (ema_decay 0), no clippin
 
 from __future__ import annotations
 
+import json
+import os
+
 import flax
 import jax
 import jax.numpy as jnp
 from absl import logging
 
+from infdiff import checkpoint as ckpt_lib
 from infdiff.data import sources, transforms
 from infdiff.losses import adaptive, gan
-from infdiff.methods import base
+from infdiff.methods import base, latents
 from infdiff.models.discriminators import PatchGAN
 from infdiff.models.ldm_autoencoder import INFDAutoencoder
 from infdiff.models.quantize import DiagonalGaussian
@@ -280,6 +284,24 @@ class Method(base.Method):
     for k in (1, 2):
       out[f"infd_ae/render_{k}x"] = ae.render(z, k * s, k * s).clip(0.0, 1.0)
     return out
+
+  def latent_stats(self) -> dict | None:
+    """{'mean', 'std', 'count'} of the un-quantised latent, written by `finalize`."""
+    path = os.path.join(self.workdir, latents.STATS_FILE)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def finalize(self, ctx):
+    """Per-channel statistics of the un-quantised latent over training images (the latent
+    DDPM's `scale_factor=0` rescales by their overall std, LDM's scale_by_std)."""
+    stats = latents.latent_statistics(self, ctx)
+    path = os.path.join(self.workdir, latents.STATS_FILE)
+    ckpt_lib.write_json(path, stats)
+    logging.info(
+        "[%s] latent statistics over %d latents written to %s", self.stage, stats["count"], path
+    )
 
   def make_inference(self, params, aux, *, tile=None, batch=None):
     """The `FieldAutoencoder` of these parameters (`pipeline.Autoencoder`)."""

@@ -48,6 +48,18 @@ def load_autoencoder_run(path: str):
   return runs.load_run(path, AE_STAGE)
 
 
+def scale_by_std(stats: dict | None, where: str) -> float:
+  """1 / the overall std of the latent (all channels pooled), from per-channel statistics."""
+  if stats is None:
+    raise FileNotFoundError(
+        f"infd_ldm.scale_factor=0 needs the autoencoder's latent statistics; {where} has no "
+        "latent_stats.json (its training did not finish)"
+    )
+  mean, std = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
+  var = np.mean(std**2 + mean**2) - np.mean(mean) ** 2
+  return float(1.0 / np.sqrt(max(var, 1e-12)))
+
+
 def build_unet(cfg, latent_side: int, channels: int) -> UNet:
   u = cfg.unet
   return UNet(
@@ -97,7 +109,7 @@ class Method(base.Method):
           f"the {self.latent_side}x{self.latent_side} latent cannot be halved "
           f"{levels - 1} times (infd_ldm.unet.channel_mult={tuple(c.unet.channel_mult)})"
       )
-    self.scale = float(c.scale_factor)
+    self.scale = float(c.scale_factor) or scale_by_std(ae_run.method.latent_stats(), self.ae_dir)
     self.schedule = make_schedule(c)
     self.unet = build_unet(c, self.latent_side, self.channels)
 

@@ -16,7 +16,6 @@ import os
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from infdiff import checkpoint as ckpt_lib
@@ -25,9 +24,8 @@ from infdiff.data import transforms
 from infdiff.losses import adaptive
 from infdiff.losses.distill import distill_loss
 from infdiff.methods import base
+from infdiff.methods.latents import STATS_FILE, latent_statistics
 from infdiff.models.nif import NIFAutoencoder
-
-STATS_FILE = "latent_stats.json"  # per-channel latent statistics, beside the checkpoints
 
 
 def _dtype(name):
@@ -245,39 +243,6 @@ class Method(base.Method):
     logging.info(
         "[%s] latent statistics over %d latents written to %s", self.stage, stats["count"], path
     )
-
-
-def latent_statistics(method, ctx) -> dict:
-  """Latent mean/std of cfg.stats_images random training crops, with the EMA encoder.
-
-  The training set is repeated (with new random crops) when it holds fewer images than
-  stats_images or than one batch, e.g. the seven built-in colour photos.
-  """
-  c = method.cfg
-  transform = transforms.RandomResizedSquare(size=c.enc_size)
-  loader = ctx.make_loader(
-      transform=transform, split="train", num_epochs=None, batch_size=c.stats_batch_size
-  )
-  p = (ctx.state.ema or ctx.state.params)["model"]
-  encode = jax.jit(lambda p, x: method.model.apply({"params": p}, x, method="encode"))
-  total = np.zeros((), np.float64)
-  s1 = s2 = None
-  seen = 0
-  for batch in loader:
-    if seen >= c.stats_images:
-      break
-    take = min(len(batch["image"]), c.stats_images - seen)  # the last batch may overshoot
-    seen += take
-    z = np.asarray(jax.device_get(encode(p, jnp.asarray(batch["image"]))), np.float64)[:take]
-    z = z.reshape(-1, z.shape[-1])
-    s1 = z.sum(0) if s1 is None else s1 + z.sum(0)
-    s2 = (z**2).sum(0) if s2 is None else s2 + (z**2).sum(0)
-    total += z.shape[0]
-  if s1 is None:
-    raise ValueError("latent statistics: the training set gave no batch")
-  mean = s1 / total
-  std = np.sqrt(np.maximum(s2 / total - mean**2, 1e-12))
-  return {"mean": mean.tolist(), "std": std.tolist(), "count": int(total)}
 
 
 def inference_params(params) -> dict:

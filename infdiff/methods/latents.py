@@ -1,0 +1,48 @@
+"""Latent statistics of an autoencoder stage, written beside its checkpoints.
+
+A later stage that models the latent reads them: RaPD stage 2 normalises per channel,
+INFD's latent DDPM can rescale by the overall std (LDM's `scale_by_std`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infdiff.data import transforms
+
+STATS_FILE = "latent_stats.json"  # per-channel latent statistics, beside the checkpoints
+
+
+def latent_statistics(method, ctx) -> dict:
+  """Latent mean/std of cfg.stats_images random training crops, with the EMA encoder.
+
+  The training set is repeated (with new random crops) when it holds fewer images than
+  stats_images or than one batch, e.g. the seven built-in colour photos.
+  """
+  c = method.cfg
+  transform = transforms.RandomResizedSquare(size=c.enc_size)
+  loader = ctx.make_loader(
+      transform=transform, split="train", num_epochs=None, batch_size=c.stats_batch_size
+  )
+  p = (ctx.state.ema or ctx.state.params)["model"]
+  encode = jax.jit(lambda p, x: method.model.apply({"params": p}, x, method="encode"))
+  total = np.zeros((), np.float64)
+  s1 = s2 = None
+  seen = 0
+  for batch in loader:
+    if seen >= c.stats_images:
+      break
+    take = min(len(batch["image"]), c.stats_images - seen)  # the last batch may overshoot
+    seen += take
+    z = np.asarray(jax.device_get(encode(p, jnp.asarray(batch["image"]))), np.float64)[:take]
+    z = z.reshape(-1, z.shape[-1])
+    s1 = z.sum(0) if s1 is None else s1 + z.sum(0)
+    s2 = (z**2).sum(0) if s2 is None else s2 + (z**2).sum(0)
+    total += z.shape[0]
+  if s1 is None:
+    raise ValueError("latent statistics: the training set gave no batch")
+  mean = s1 / total
+  std = np.sqrt(np.maximum(s2 / total - mean**2, 1e-12))
+  return {"mean": mean.tolist(), "std": std.tolist(), "count": int(total)}
