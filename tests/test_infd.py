@@ -25,6 +25,7 @@ TINY = [
     "--config.infd_ae.renderer.features=8",
     "--config.infd_ae.renderer.norm_groups=4",
     "--config.infd_ae.gan.ndf=4",
+    "--config.infd_ae.gan.weight=0.75",  # the paper's GAN term (the demo trains without it)
     "--config.infd_ae.batch_size=2",
     "--config.infd_ae.stats_images=8",
     "--config.infd_ae.stats_batch_size=4",
@@ -240,7 +241,7 @@ def test_parameter_count_is_the_sum_of_its_parts():
   spec = importlib.util.spec_from_file_location("infd_cfg", os.path.join(ROOT, "configs/infd.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  counts = infd_params.count(mod.get_config("demo"))
+  counts = infd_params.count(mod.get_config("demo,bottleneck=vq"))
   assert counts["sum_of_parts"] == counts["total"] > 0
   assert all(counts[k] > 0 for k in ("encoder", "codebook", "decoder", "renderer", "latent_unet"))
   # The codebook is exactly num_codes x z_channels.

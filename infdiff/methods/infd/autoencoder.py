@@ -242,6 +242,8 @@ class Method(base.Method):
   # --- discriminator --------------------------------------------------------------
   def _disc_loss(self, params, batch, rng, step, state):
     c = self.cfg
+    if c.gan.weight <= 0:  # no GAN term: the discriminator is neither run nor trained
+      return jnp.zeros((), jnp.float32), {}, {"disc": state["disc"]}
     rgb, _ = self._generate(params["model"], batch, rng)  # the generator just updated
     fake = jax.lax.stop_gradient(rgb)
     real = 2.0 * batch["target"].astype(jnp.float32) - 1.0
