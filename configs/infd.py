@@ -197,7 +197,6 @@ def get_config(arg=None):
   c.total_steps = 400_000 if p.ldm else 200_000  # steps of the stage being trained
   c.checkpoint_every = 5000
   c.log_every = 100
-  c.infd_ae.optim.decay_steps = c.get_ref("total_steps")
   c.infd_ldm.optim.decay_steps = c.get_ref("total_steps")
   need = config_lib.required_path
   c.required_paths = ml_collections.ConfigDict(
@@ -212,14 +211,19 @@ def get_config(arg=None):
           ),
       )
   )
+  # Cosine schedules end with their stage. (Set once: assigning a reference to a field
+  # that already holds one would re-link the first reference instead.)
+  if p.demo:
+    c.infd_ae.total_steps = 2000  # stage 1 of the demo (stage 2: total_steps)
+    c.infd_ae.optim.decay_steps = c.infd_ae.get_ref("total_steps")
+  else:
+    c.infd_ae.optim.decay_steps = c.get_ref("total_steps")
   if p.demo:
     c.stages = ("infd_ae", "infd_ldm")  # one command: autoencoder, then latent DDPM
     c.data.shapes_size = c.infd_ae.get_ref("r_max")  # built-in shapes rendered at r_max
     # infd_ldm steps: its UNet on the 32^2 x 3 latent runs ~2x slower per step than stage 1
     # on a 2-core CPU; 1000 keeps both stages and the install within 15 minutes.
     c.total_steps = 1000
-    c.infd_ae.total_steps = 2000
-    c.infd_ae.optim.decay_steps = c.infd_ae.get_ref("total_steps")
     c.checkpoint_every = 500
     c.log_every = 50
     c.mesh = (-1, 1, 1)

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import chex
 import numpy as np
@@ -165,22 +164,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   killed = tmp_path / "killed"
   ckdir = killed / "infd_ae" / "checkpoints"
   cmd = main_cmd(killed) + TINY + only_ae
-  proc = subprocess.Popen(
-      cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-  )
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if (ckdir / str(n)).is_dir() and not any(
-        ".orbax-checkpoint-tmp" in p for p in os.listdir(ckdir)
-    ):
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.01)
-  proc.wait()
-  saved = sorted(int(s) for s in os.listdir(ckdir) if s.isdigit())
+  rc, saved = tiny.kill_after_checkpoint(cmd, ckdir, n, ROOT)
   if 2 * n in saved:
     pytest.skip("the run finished before it could be killed; nothing to resume")
-  assert proc.returncode == -signal.SIGKILL
+  assert rc == -signal.SIGKILL
   run_main(killed, *only_ae)
   state, step = ckpt_lib.restore_params_only(str(ckdir))
   assert step == 2 * n
@@ -246,3 +233,20 @@ def test_parameter_count_is_the_sum_of_its_parts():
   assert all(counts[k] > 0 for k in ("encoder", "codebook", "decoder", "renderer", "latent_unet"))
   # The codebook is exactly num_codes x z_channels.
   assert counts["codebook"] == 256 * 3
+
+
+def test_demo_stage_steps_and_schedules_are_independent():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("infd_cfg", os.path.join(ROOT, "configs/infd.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("demo")
+  assert (c.infd_ae.total_steps, c.total_steps) == (2000, 1000)
+  assert (c.infd_ae.optim.decay_steps, c.infd_ldm.optim.decay_steps) == (2000, 1000)
+  c.infd_ae.total_steps = 300  # an override moves stage 1's schedule only
+  assert (c.infd_ae.optim.decay_steps, c.total_steps, c.infd_ldm.optim.decay_steps) == (
+      300,
+      1000,
+      1000,
+  )

@@ -68,24 +68,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
       f"--workdir={killed}",
   ]
   cmd += TINY + [*tiny.steps(2 * n), f"--config.checkpoint_every={n}"]
-  # Slow the steps after the first checkpoint only via a long run horizon is not
-  # possible, so poll tightly and kill as soon as step n is committed.
-  proc = subprocess.Popen(
-      cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-  )
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if (ckdir / str(n)).is_dir() and not any(
-        ".orbax-checkpoint-tmp" in p for p in os.listdir(ckdir)
-    ):
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.01)
-  proc.wait()
-  steps = sorted(int(s) for s in os.listdir(ckdir) if s.isdigit())
+  rc, steps = tiny.kill_after_checkpoint(cmd, ckdir, n, ROOT)
   if 2 * n in steps:
     pytest.skip("the run finished before it could be killed; nothing to resume")
-  assert proc.returncode == -signal.SIGKILL
+  assert rc == -signal.SIGKILL
   assert steps == [n]
   run_main(killed, *tiny.steps(2 * n), f"--config.checkpoint_every={n}")
   params, step = final_params(killed)

@@ -27,3 +27,28 @@ def subprocess_env() -> dict:
   env.pop("XLA_FLAGS", None)
   env["JAX_PLATFORMS"] = "cpu"
   return env
+
+
+def kill_after_checkpoint(cmd, ckdir, n: int, cwd: str, timeout: float = 300):
+  """Runs `cmd`, SIGKILLs it as soon as checkpoint step n is committed in `ckdir`.
+
+  Returns (returncode, sorted saved steps). Polls tightly: a tiny run takes milliseconds
+  per step, so there is no way to slow only the steps after the checkpoint.
+  """
+  import signal
+  import subprocess
+  import time
+
+  proc = subprocess.Popen(
+      cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if (ckdir / str(n)).is_dir() and not any(
+        ".orbax-checkpoint-tmp" in p for p in os.listdir(ckdir)
+    ):
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.01)
+  proc.wait()
+  return proc.returncode, sorted(int(s) for s in os.listdir(ckdir) if s.isdigit())
