@@ -140,6 +140,27 @@ def test_evaluate_recon_and_swd_through_the_contracts(run_dir):
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_evaluate_fid_and_pfid_through_the_contracts(run_dir, tmp_path):
+  import json
+
+  from infdiff.pretrained import testing
+
+  inception = testing.write_tiny("inception_fid", tmp_path / "inception")
+  for metric, extra in (("fid", []), ("pfid", ["--patch=16"])):
+    proc = _cli(
+        "infdiff.evaluate",
+        f"--workdir={run_dir}",
+        f"--metric={metric}",
+        "--num=3",
+        "--size=32x32",
+        f"--inception={inception}",
+        *extra,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((run_dir / "eval" / f"{metric}.json").read_text())
+    assert out["rows"][metric]["32x32"] > 0
+
+
 def test_ldm_on_missing_or_wrong_autoencoder_is_one_line(tmp_path):
   for target in (tmp_path / "nothing", tmp_path):
     proc = run_main(
