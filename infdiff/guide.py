@@ -31,23 +31,31 @@ from absl import app, flags, logging
 from infdiff import cli, utils
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory whose generator is a GuidablePrior (INFD).")
-flags.DEFINE_string("canvas", None, "Canvas size WxH in pixels, e.g. 2048x2048.")
-flags.DEFINE_string("lowres", None, "PNG of the whole canvas at low resolution.")
-flags.DEFINE_multi_string("crop", [], "top,left,PNG: known pixels of the canvas; repeatable.")
-flags.DEFINE_string("colours", None, "'top,left,h,w,#rrggbb;...': mean colour per box.")
-flags.DEFINE_string("layout", None, "'top,left,h,w,text;...': CLIP text per box (needs --clip).")
-flags.DEFINE_string("clip", None, "Local CLIP checkpoint directory (for --layout).")
-flags.DEFINE_float("scale", 1.0, "Guidance step size zeta; 0 samples without guidance.")
-flags.DEFINE_enum(
-    "step_rule", "dps", ["dps", "plain"], "dps: normalised DPS step; plain: scale*grad."
-)
-flags.DEFINE_integer("steps", None, "DDIM steps (default: the run's sample.num_steps; INFD: 200).")
-flags.DEFINE_float("eta", None, "DDIM eta (default: the run's sample.eta; INFD: 1).")
-flags.DEFINE_integer("num", 1, "Number of samples.")
-flags.DEFINE_integer("seed", 0, "Noise seed.")
-flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/guided).")
-flags.mark_flags_as_required(["workdir", "canvas"])
+
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when it runs as a program: the library functions below
+  are imported by tests and notebooks next to other CLIs that define the same names."""
+  flags.DEFINE_string("workdir", None, "Run directory whose generator is a GuidablePrior (INFD).")
+  flags.DEFINE_string("canvas", None, "Canvas size WxH in pixels, e.g. 2048x2048.")
+  flags.DEFINE_string("lowres", None, "PNG of the whole canvas at low resolution.")
+  flags.DEFINE_multi_string("crop", [], "top,left,PNG: known pixels of the canvas; repeatable.")
+  flags.DEFINE_string("colours", None, "'top,left,h,w,#rrggbb;...': mean colour per box.")
+  flags.DEFINE_string("layout", None, "'top,left,h,w,text;...': CLIP text per box (needs --clip).")
+  flags.DEFINE_string("clip", None, "Local CLIP checkpoint directory (for --layout).")
+  flags.DEFINE_float("scale", 1.0, "Guidance step size zeta; 0 samples without guidance.")
+  flags.DEFINE_enum(
+      "step_rule", "dps", ["dps", "plain"], "dps: normalised DPS step; plain: scale*grad."
+  )
+  flags.DEFINE_integer(
+      "steps", None, "DDIM steps (default: the run's sample.num_steps; INFD: 200)."
+  )
+  flags.DEFINE_float("eta", None, "DDIM eta (default: the run's sample.eta; INFD: 1).")
+  flags.DEFINE_integer("num", 1, "Number of samples.")
+  flags.DEFINE_integer("seed", 0, "Noise seed.")
+  flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/guided).")
+  flags.mark_flags_as_required(["workdir", "canvas"])
+
 
 MAX_BATCH = 4  # samples per compiled DPS call (a fixed shape: one compile)
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
@@ -270,5 +278,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags_one_line)
   sys.exit(0)
