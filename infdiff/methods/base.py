@@ -167,6 +167,26 @@ class FieldAutoencoder(abc.ABC):
     """Swaps in new parameters (a training-time evaluator reuses the compiled code)."""
     del params, aux
 
+  def encode_in_chunks(self, encode_fn, params, images, batch: int) -> np.ndarray:
+    """`encode_fn(params, x [batch, H_in, W_in, 3])` over `images` in fixed-size chunks.
+
+    Checks the input size (one-line ValueError) and pads the last chunk by repeating its
+    last image, so a jitted encoder compiles once whatever the number of images.
+    """
+    images = np.asarray(images, np.float32)
+    if images.shape[1:3] != tuple(self.input_size):
+      raise ValueError(
+          f"the encoder takes {self.input_size[0]}x{self.input_size[1]} images, "
+          f"got {images.shape[1]}x{images.shape[2]}"
+      )
+    out = []
+    for s in range(0, len(images), batch):
+      chunk = images[s : s + batch]
+      pad = np.repeat(chunk[-1:], batch - len(chunk), axis=0)
+      z = encode_fn(params, np.concatenate([chunk, pad]) if len(pad) else chunk)
+      out.append(np.asarray(z)[: len(chunk)])
+    return np.concatenate(out)
+
 
 class Generator(abc.ABC):
   """Samples images at any list of sizes.

@@ -105,19 +105,7 @@ class Autoencoder(base.FieldAutoencoder):
   # --- the FieldAutoencoder contract ---------------------------------------------------
   def encode(self, images: np.ndarray) -> np.ndarray:
     """[N, enc, enc, 3] in [0, 1] -> un-quantised latents [N, h, w, C], `batch` per call."""
-    images = np.asarray(images, np.float32)
-    if images.shape[1:3] != self.input_size:
-      raise ValueError(
-          f"the encoder takes {self.input_size[0]}x{self.input_size[1]} images, "
-          f"got {images.shape[1]}x{images.shape[2]}"
-      )
-    b = max(1, min(self.batch, len(images)))
-    out = []
-    for s in range(0, len(images), b):
-      chunk = images[s : s + b]
-      z = self._encode(self.params, jnp.asarray(_pad_batch(chunk, b)))
-      out.append(np.asarray(jax.device_get(z))[: len(chunk)])
-    return np.concatenate(out)
+    return self.encode_in_chunks(self._encode, self.params, images, self.batch)
 
   def render(self, latents, height: int, width: int, *, tile: int | None = None, out=None):
     """[N, h, w, C] latents -> [N, height, width, 3] float32 in [0, 1] (not clipped).

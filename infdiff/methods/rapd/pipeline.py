@@ -52,18 +52,7 @@ class Autoencoder(base.FieldAutoencoder):
 
   def encode(self, images: np.ndarray) -> np.ndarray:
     """[N, r, r, 3] in [0, 1] -> latents [N, r, r, C], `batch` images per call."""
-    images = np.asarray(images, np.float32)
-    if images.shape[1:3] != self.input_size:
-      raise ValueError(
-          f"the encoder takes {self.input_size[0]}x{self.input_size[1]} images, "
-          f"got {images.shape[1]}x{images.shape[2]}"
-      )
-    out = []
-    for s in range(0, len(images), self.batch):
-      chunk = images[s : s + self.batch]
-      z = self._encode(self.params, jnp.asarray(_pad_batch(chunk, self.batch)))
-      out.append(np.asarray(jax.device_get(z))[: len(chunk)])
-    return np.concatenate(out)
+    return self.encode_in_chunks(self._encode, self.params, images, self.batch)
 
   def render(self, latents, height: int, width: int, *, tile: int | None = None, out=None):
     """[N, r, r, C] -> [N, height, width, 3] float32 (not clipped), bounded memory."""
