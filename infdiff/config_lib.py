@@ -87,6 +87,7 @@ def optim_config(lr: float, total_steps: int, warmup: int = 0, schedule: str = "
   o.eps = 1e-8
   o.weight_decay = 0.0
   o.grad_clip = 1.0  # global-norm clip; 0 disables
+  o.grad_clip_per = ()  # top-level param sub-trees clipped each on its own (∞-Diff)
   o.schedule = schedule  # 'constant' or 'cosine' (after warmup)
   o.warmup_steps = warmup
   o.decay_steps = total_steps  # cosine horizon

@@ -204,17 +204,20 @@ def run(
       (h, w), lowres=lowres, crops=crops, colours=colours, layout=layout, clip=clip
   )
   gen = runs.load_generator(workdir, "guided sampling")
-  if not (isinstance(gen, base.GuidablePrior) and isinstance(gen, base.LatentGenerator)):
+  if not isinstance(gen, base.GuidablePrior):
     raise ValueError(
-        f"{workdir}: its generator ({type(gen).__name__}) is not a GuidablePrior latent "
-        "generator; guided sampling needs a latent diffusion prior over fields (INFD)"
+        f"{workdir}: its generator ({type(gen).__name__}) is not a GuidablePrior; guided "
+        "sampling needs a diffusion prior over fields (INFD, ∞-Diff)"
     )
   if max(h, w) > gen.max_size:
     raise ValueError(f"--canvas {canvas}: sides must be at most {gen.max_size}")
   # The run's own sampler settings unless given (a generator without them: INFD's).
   steps = int(steps or getattr(gen, "num_steps", 200))
   eta = float(getattr(gen, "eta", 1.0) if eta is None else eta)
-  sample = dps.make_sampler(gen, num_steps=steps, eta=eta, step_rule=step_rule)
+  prior = gen.guidance_view(h, w)  # the prior of this canvas (∞-Diff: its pixel grid)
+  sample = dps.make_sampler(
+      prior, num_steps=steps, eta=eta, step_rule=step_rule, clip_x0=prior.clip_x0
+  )
   out = out or os.path.join(runs.run_root(workdir), "guided")
   labels = _labels(conds)
   errors = {k: {label: [] for label in labels} for k in ("guided", "unguided")}
@@ -224,13 +227,11 @@ def run(
     n = min(b, num - start)
     # Sample i starts from fold_in(noise_key, i); the batch is padded to a fixed size.
     idx = [min(start + j, num - 1) for j in range(b)]
-    noise = jnp.stack(
-        [jax.random.normal(jax.random.fold_in(noise_key, i), gen.latent_shape) for i in idx]
-    )
+    noise, context = prior.initial_state([jax.random.fold_in(noise_key, i) for i in idx])
     rng = jax.random.fold_in(step_key, start)
     for kind, s in (("guided", scale), ("unguided", 0.0)):
-      x0 = np.asarray(jax.device_get(sample(conds, noise, rng, jnp.float32(s)).x0))[:n]
-      images = gen.render(x0, h, w)  # [n, H, W, 3] in [0, 1], tiled
+      x0 = sample(conds, noise, rng, jnp.float32(s), context).x0
+      images = prior.to_images(np.asarray(jax.device_get(x0))[:n], h, w)  # [n, H, W, 3]
       for j, img in enumerate(images):
         sampling.save_png(os.path.join(out, f"{kind}_{start + j:03d}.png"), img)
       for label, e in zip(labels, dps.constraint_errors(conds, images)):

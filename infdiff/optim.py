@@ -38,11 +38,24 @@ def make_optimizer(cfg, params) -> optax.GradientTransformation:
 
   Args:
     cfg: ConfigDict with lr, b1, b2, eps, weight_decay, grad_clip, schedule,
-      warmup_steps, decay_steps, frozen (regexes over '/'-joined param paths).
+      warmup_steps, decay_steps, frozen (regexes over '/'-joined param paths) and
+      optionally grad_clip_per (top-level keys of `params` clipped each on its own).
     params: the parameter tree (only its structure is used).
   """
+  per = tuple(cfg.get("grad_clip_per", ()))
+  if cfg.grad_clip and per:
+    # One global-norm clip per listed top-level sub-tree (∞-Diff clips its denoiser and
+    # its encoder separately); sub-trees not listed are clipped together.
+    labels = {k: (k if k in per else "_rest") for k in params}
+    clip = optax.multi_transform(
+        {k: optax.clip_by_global_norm(cfg.grad_clip) for k in set(labels.values())}, labels
+    )
+  elif cfg.grad_clip:
+    clip = optax.clip_by_global_norm(cfg.grad_clip)
+  else:
+    clip = optax.identity()
   tx = optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+      clip,
       optax.adamw(
           make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
       ),
@@ -54,7 +67,13 @@ def make_optimizer(cfg, params) -> optax.GradientTransformation:
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def ema_update(ema, params, decay, step):
-  """EMA with the usual warm-up `min(decay, (1 + step) / (10 + step))` (TF/flax style)."""
+def ema_update(ema, params, decay, step, every: int = 1):
+  """EMA with the usual warm-up `min(decay, (1 + step) / (10 + step))` (TF/flax style).
+
+  With every = n > 1 the average moves only on steps that are multiples of n (∞-Diff:
+  decay 0.995 every 10 steps) and is left unchanged otherwise.
+  """
   d = jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+  if every > 1:
+    d = jnp.where(step % every == 0, d, 1.0)
   return jax.tree.map(lambda e, p: e * d + (1.0 - d) * p.astype(e.dtype), ema, params)

@@ -227,6 +227,7 @@ def _merge_state(model_state, updates, group):
 def make_train_step(method, txs, config):
   """The step: per group value_and_grad -> optax update; state updates; EMA; skip non-finite."""
   ema_decay = stage_ema_decay(config, method.stage)
+  ema_every = int(config[method.stage].get("ema_every", 1))  # update cadence (∞-Diff: 10)
   with_ema = ema_groups(method, config)
 
   def train_step(state: TrainState, batch, aux):
@@ -259,7 +260,8 @@ def make_train_step(method, txs, config):
       metrics.update({f"{g}/{k}": v for k, v in m.items()})
 
     ema = {
-        g: optim_lib.ema_update(state.ema[g], params[g], ema_decay, state.step) for g in with_ema
+        g: optim_lib.ema_update(state.ema[g], params[g], ema_decay, state.step, ema_every)
+        for g in with_ema
     }
     new = state.replace(
         step=state.step + 1,

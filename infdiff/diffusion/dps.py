@@ -432,6 +432,7 @@ def dps_sample(
     eta: float | jax.Array = 0.0,
     parameterization: str = "eps",
     clip_x0: float | jax.Array | None = None,
+    context: Any = None,
 ) -> DPSResult:
   """DPS on DDIM's grid: DDIM steps (as `gaussian.ddim_sample`) plus the guidance step.
 
@@ -454,6 +455,8 @@ def dps_sample(
     eta: DDIM noise scale (INFD samples with eta = 1).
     parameterization: 'eps', 'x0' or 'v'.
     clip_x0: if given, x0_hat is clipped to [-clip_x0, clip_x0] (eps re-derived).
+    context: per-sample inputs that are not diffused (a pytree with leading axis B); when
+      given, the model is called as `model_fn(x, t, context)`.
 
   Returns:
     DPSResult(x0 [B, h, w, C] float32, costs [num_steps, K, B] float32).
@@ -469,6 +472,9 @@ def dps_sample(
   batch = noise.shape[0]
   # The schedule helpers of gaussian.py, so that scale = 0 is ddim_sample bit for bit.
   abar = gaussian._abar  # noqa: SLF001
+
+  if context is not None:
+    model_fn = functools.partial(lambda f, c, x, t: f(x, t, c), model_fn, context)
 
   def objective(x, t):
     tb = jnp.full((batch,), t, jnp.int32)
@@ -511,16 +517,17 @@ def make_sampler(
     step_rule: str = "dps",
     clip_x0: float | None = None,
 ):
-  """A jitted `fn(conditions, noise, rng, scale) -> DPSResult` for a `GuidablePrior`.
+  """A jitted `fn(conditions, noise, rng, scale, context=None) -> DPSResult` for a prior.
 
   The prior's model, field and render functions are fetched once and closed over; the
-  function compiles once per (batch, condition geometry) and takes any scale.
+  function compiles once per (batch, condition geometry) and takes any scale. `context`
+  is the prior's per-sample `initial_state` context (None for most priors).
   """
   model_fn, field_fn, render_fn = prior.model_fn(), prior.field_fn(), prior.render_fn()
   parameterization = getattr(prior, "parameterization", "eps")
 
   @jax.jit
-  def sample(conditions, noise, rng, scale):
+  def sample(conditions, noise, rng, scale, context=None):
     return dps_sample(
         model_fn,
         field_fn,
@@ -535,6 +542,7 @@ def make_sampler(
         eta=eta,
         parameterization=parameterization,
         clip_x0=clip_x0,
+        context=context,
     )
 
   return sample

@@ -16,6 +16,8 @@ STAGES = {
     "rapd_stage2": "infdiff.methods.rapd.stage2",
     "infd_ae": "infdiff.methods.infd.autoencoder",
     "infd_ldm": "infdiff.methods.infd.ldm",
+    "infty_diff": "infdiff.methods.infty_diff.model",
+    "infty_diff_latent": "infdiff.methods.infty_diff.latent",
 }
 
 

@@ -265,7 +265,31 @@ class GuidablePrior(abc.ABC):
   - `render_fn()`: `(field, coords [B, H, W, 2], cells [B, 2]) -> rgb [B, H, W, 3]` in
     [0, 1] (not clipped), differentiable; coords are points of the [-1, 1]^2 domain
     (METHODS.md), so a box of the canvas is rendered at its own grid without the rest.
+
+  A prior whose diffusion state depends on the canvas (∞-Diff diffuses the pixels of the
+  canvas itself) returns a per-canvas prior from `guidance_view(H, W)`; per-sample inputs
+  that are not diffused (∞-Diff's autoencoder latent z) come from `initial_state` as a
+  `context` pytree, and its model function then takes `(x, t, context)`. The defaults fit
+  a latent prior whose latent does not depend on the canvas (INFD).
   """
+
+  clip_x0: float | None = None  # the sampler's clip of x0_hat, if it clips
+
+  def guidance_view(self, height: int, width: int) -> GuidablePrior:
+    """The prior whose samples are canvases of height x width (default: this one)."""
+    del height, width
+    return self
+
+  def initial_state(self, keys):
+    """(noise [B, *latent_shape], context) for per-sample keys [B] (context None: none)."""
+    import jax  # local: keeps this module importable without initialising jax
+
+    noise = jax.numpy.stack([jax.random.normal(k, self.latent_shape) for k in keys])
+    return noise, None
+
+  def to_images(self, x0, height: int, width: int) -> np.ndarray:
+    """Final states [B, *latent_shape] -> canvases [B, height, width, 3] in [0, 1]."""
+    return self.render(x0, height, width)
 
   latent_shape: tuple[int, int, int]
   schedule: Any

@@ -1,0 +1,1 @@
+"""∞-Diff (papers/infty_diff.txt): mollified diffusion on sparse pixel subsets."""
