@@ -40,6 +40,33 @@ def parse_size(text: str, min_side: int = 1, max_side: int = 1 << 15) -> tuple[i
   return w, h
 
 
+def parse_options(entries) -> dict:
+  """['key=value', ...] -> {key: value} with ints, floats and true/false parsed.
+
+  Sampler options of a run's generator (`Method.make_inference`), e.g. ∞-Diff's
+  `deblur=true`; the method refuses options it does not have in one line.
+  """
+  out = {}
+  for entry in entries or ():
+    key, sep, value = str(entry).partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+      raise ValueError(f"--sampler_option takes key=value, got {entry!r}")
+    v = value.strip()
+    if v.lower() in ("true", "false"):
+      out[key] = v.lower() == "true"
+      continue
+    for cast in (int, float):
+      try:
+        out[key] = cast(v)
+        break
+      except ValueError:
+        continue
+    else:
+      out[key] = v
+  return out
+
+
 def peak_rss_gib() -> float:
   """Peak resident memory of this process so far, GiB (Linux ru_maxrss is in KiB)."""
   import resource

@@ -1,7 +1,8 @@
 """Evaluation CLI: one metric on a run directory, printed as a table and saved as JSON.
 
 python -m infdiff.evaluate --workdir=W --metric=NAME [--size=WxH ...] [--data=SOURCE] \
-    [--num=N] [--seed=S] [--inception=PATH] [--clip=PATH] [--lpips=PATH] [--step=N]
+    [--num=N] [--seed=S] [--inception=PATH] [--clip=PATH] [--lpips=PATH] [--step=N] \
+    [--sampler_option=KEY=VALUE ...]
 
 Metrics (protocols in each module's docstring under infdiff/evaluators/), on any run
 whose stages provide the contract a metric needs (infdiff.methods.base):
@@ -43,6 +44,11 @@ flags.DEFINE_integer("tile", 128, "Render tile side (static shape; bounds render
 flags.DEFINE_integer(
     "step", None, "Checkpoint step to read (default: the newest readable one, with a warning)."
 )
+flags.DEFINE_multi_string(
+    "sampler_option",
+    [],
+    "key=value sampler option of the run's generator (e.g. deblur=true for ∞-Diff); repeat.",
+)
 flags.mark_flags_as_required(["workdir", "metric"])
 
 MAX_SIDE = 16384  # largest side accepted by --size
@@ -63,6 +69,7 @@ def make_args(
     crops_per_image=4,
     tile=128,
     step=None,
+    sampler_options=None,
 ):
   """Validated `EvalArgs` (everything that can be checked before loading a model)."""
   from infdiff import cli as cli_lib
@@ -88,6 +95,7 @@ def make_args(
       crops_per_image=crops_per_image,
       tile=tile,
       step=step,
+      sampler_options=dict(sampler_options or {}),
   )
   if hasattr(module, "validate"):
     module.validate(args)  # each metric checks its own arguments
@@ -129,6 +137,7 @@ def main(argv):
         crops_per_image=FLAGS.crops_per_image,
         tile=FLAGS.tile,
         step=FLAGS.step,
+        sampler_options=cli.parse_options(FLAGS.sampler_option),
     )
     result, path = run(args)
   print(result.table())

@@ -54,6 +54,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("num", 1, "Number of samples.")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/guided).")
+  flags.DEFINE_multi_string(
+      "sampler_option", [], "key=value sampler option of the run's generator; repeat."
+  )
   flags.mark_flags_as_required(["workdir", "canvas"])
 
 
@@ -185,6 +188,7 @@ def run(
     num=1,
     seed=0,
     out=None,
+    sampler_options=None,
 ) -> dict:
   """Library form of the CLI; returns {label: errors with and without guidance}."""
   import jax
@@ -203,7 +207,7 @@ def run(
   conds = parse_conditions(
       (h, w), lowres=lowres, crops=crops, colours=colours, layout=layout, clip=clip
   )
-  gen = runs.load_generator(workdir, "guided sampling")
+  gen = runs.load_generator(workdir, "guided sampling", **(sampler_options or {}))
   if not isinstance(gen, base.GuidablePrior):
     raise ValueError(
         f"{workdir}: its generator ({type(gen).__name__}) is not a GuidablePrior; guided "
@@ -237,15 +241,18 @@ def run(
       for label, e in zip(labels, dps.constraint_errors(conds, images)):
         errors[kind][label] += [float(v) for v in e]
       del images
-  report = {
-      label: {
-          "guided": errors["guided"][label],
-          "unguided": errors["unguided"][label],
-          "guided_mean": float(np.mean(errors["guided"][label])),
-          "unguided_mean": float(np.mean(errors["unguided"][label])),
-      }
-      for label in labels
-  }
+  report = {}
+  for label, c in zip(labels, conds):
+    report[label] = {
+        "guided": errors["guided"][label],
+        "unguided": errors["unguided"][label],
+        "guided_mean": float(np.mean(errors["guided"][label])),
+        "unguided_mean": float(np.mean(errors["unguided"][label])),
+    }
+    if c.norm_type:  # a mean squared error of [0, 1] pixels: also as PSNR (dB), per sample
+      for kind in ("guided", "unguided"):
+        mse = np.maximum(np.asarray(errors[kind][label], np.float64), 1e-10)
+        report[label][f"{kind}_psnr_mean"] = float(np.mean(10.0 * np.log10(1.0 / mse)))
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "errors.json"), "w") as f:
     json.dump(report, f, indent=2)
@@ -273,6 +280,7 @@ def main(argv):
         num=FLAGS.num,
         seed=FLAGS.seed,
         out=FLAGS.out,
+        sampler_options=cli.parse_options(FLAGS.sampler_option),
     )
   print(json.dumps(report))
   return 0

@@ -31,11 +31,25 @@ flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's config)."
 flags.DEFINE_integer(
     "step", None, "Checkpoint step to read (default: the newest readable one, with a warning)."
 )
+flags.DEFINE_multi_string(
+    "sampler_option",
+    [],
+    "key=value sampler option of the run's generator (e.g. deblur=true for ∞-Diff); repeat.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
 def run(
-    workdir, prompts, sizes, num, seed, out, cfg_scale=None, steps=None, step=None
+    workdir,
+    prompts,
+    sizes,
+    num,
+    seed,
+    out,
+    cfg_scale=None,
+    steps=None,
+    step=None,
+    sampler_options=None,
 ) -> list[str]:
   """Library form of the CLI; returns the written paths."""
   from infdiff import runs, sampling
@@ -45,6 +59,7 @@ def run(
   # Sampling options go to the method only when given (an unconditional method takes no
   # cfg_scale, and says so in one line).
   options = {k: v for k, v in (("cfg_scale", cfg_scale), ("num_steps", steps)) if v is not None}
+  options.update(sampler_options or {})
   gen = runs.load_generator(workdir, "sampling", step=step, **options)
   parsed = [cli.parse_size(s, 1, gen.max_size) for s in sizes]
   prompts = gen.check_conditions(prompts)
@@ -78,6 +93,7 @@ def main(argv):
         FLAGS.cfg_scale,
         FLAGS.steps,
         FLAGS.step,
+        cli.parse_options(FLAGS.sampler_option),
     )
   print(f"wrote {len(paths)} images to {os.path.dirname(paths[0]) if paths else FLAGS.out}")
   return 0

@@ -5,6 +5,7 @@ python scripts/guide_inputs.py --workdir=W --canvas=128 --out=D [--index=0]
 Renders held-out image `index` at canvas x canvas and writes, under D:
   lowres.png   the whole image area-downsampled by `--factor` (super-resolution condition)
   crop.png     its pixels in the box (top, left, side, side) (known high-resolution crop)
+  left.png     its left half (inpainting: the right half is unknown)
   truth.png    the full canvas, for reference
 and prints the guide flags for each condition: --lowres, --crop and --colours (the mean
 colour of each quadrant of the canvas).
@@ -43,6 +44,7 @@ def main(argv):
   top = left = (s - FLAGS.crop) // 2
   crop = img[top : top + FLAGS.crop, left : left + FLAGS.crop]
   sampling.save_png(os.path.join(FLAGS.out, "crop.png"), crop)
+  sampling.save_png(os.path.join(FLAGS.out, "left.png"), img[:, : s // 2])
   half = s // 2
   boxes = []
   for t in (0, half):
@@ -55,6 +57,7 @@ def main(argv):
           {
               "lowres": f"--lowres={os.path.join(FLAGS.out, 'lowres.png')}",
               "crop": f"--crop={top},{left},{os.path.join(FLAGS.out, 'crop.png')}",
+              "half": f"--crop=0,0,{os.path.join(FLAGS.out, 'left.png')}",
               "colours": f"--colours={';'.join(boxes)}",
               "canvas": f"--canvas={s}x{s}",
           }

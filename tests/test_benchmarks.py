@@ -49,3 +49,17 @@ def test_resolution_scaling_reports_the_three_ratios():
 def test_render_memory_child_reports_peak_rss(size):
   out = render_memory.main(["--sizes", str(size), "--paper", "0"])
   assert out[f"demo {size}^2"] > 0
+
+
+def test_subsampling_reports_finite_ratios_and_the_final_line(capsys):
+  import re
+
+  from benchmarks import subsampling
+
+  out = subsampling.main(["--quick", "--rates", "1,2"])
+  for key in ("speedup", "memory_reduction"):
+    assert set(out[key]) == {1, 2}
+    assert all(np.isfinite(v) and v > 0 for v in out[key].values())
+  assert out["memory_reduction"][1] == pytest.approx(1.0)
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert re.fullmatch(r"subsampling 2x: speedup=[0-9.]+ memory_reduction=[0-9.]+", last), last

@@ -54,6 +54,8 @@ class EvalArgs:
   crops_per_image: int = 4  # pFID crops per image
   tile: int = DEFAULT_TILE  # render tile side
   step: int | None = None  # checkpoint step; None: the newest readable one
+  # Sampler options for the run's generator (e.g. {'deblur': True}); {} = the run's config.
+  sampler_options: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

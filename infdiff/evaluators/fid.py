@@ -213,7 +213,9 @@ def cli(args: common.EvalArgs) -> common.Result:
   path = require_weights(metric, args)
   data_cfg = common.run_data_config(args.workdir, args.data)
   source = common.held_out_source(data_cfg)
-  gen = runs.load_generator(args.workdir, f"--metric={metric}", step=args.step)
+  gen = runs.load_generator(
+      args.workdir, f"--metric={metric}", step=args.step, **args.sampler_options
+  )
   net = FeatureNet(metric, path)
   return evaluate(
       metric,

@@ -49,7 +49,9 @@ NEEDS = base.GENERATOR
 
 def cli(args: common.EvalArgs) -> common.Result:
   """`python -m infdiff.evaluate --metric=shapes_eval`: needs a text-conditioned Generator."""
-  gen = runs.load_generator(args.workdir, "--metric=shapes_eval", step=args.step)
+  gen = runs.load_generator(
+      args.workdir, "--metric=shapes_eval", step=args.step, **args.sampler_options
+  )
   if not gen.conditional:
     raise ValueError("--metric=shapes_eval needs a text-conditioned generator (it scores prompts)")
   return evaluate(

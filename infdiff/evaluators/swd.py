@@ -71,7 +71,7 @@ def cli(args: common.EvalArgs) -> common.Result:
   for w, h in sizes:
     check_size(w, h)
   source = common.held_out_source(common.run_data_config(args.workdir, args.data))
-  gen = runs.load_generator(args.workdir, "--metric=swd", step=args.step)
+  gen = runs.load_generator(args.workdir, "--metric=swd", step=args.step, **args.sampler_options)
   return evaluate(gen, source, num=args.num or DEFAULT_NUM, seed=args.seed, sizes=sizes)
 
 

@@ -25,8 +25,8 @@ quarter of the full grid, which a scatter-to-dense-grid-then-convolve does not g
   the points in a window around each node (`knn_window`), so the cost is O(Gh Gw w^2).
 - `grid_to_points`: bilinear read-back at the points' pixel centres
   (`fields.interpolate_latent`, the core convention).
-- `resize_kernel`: a kernel resized bilinearly for another sampling resolution,
-  rescaled so that it integrates to the same value (the operator, not the tap values, is
+- `resize_kernel`: a kernel resized bilinearly for another sampling resolution, its taps
+  scaled by the ratio of pixel areas (the operator on functions, not the tap values, is
   what is resolution independent).
 """
 
@@ -217,11 +217,19 @@ def dense_depthwise_conv(
 
 
 def resize_kernel(kernel: jax.Array, kh: int, kw: int) -> jax.Array:
-  """[k, k', C] kernel resized bilinearly to [kh, kw, C], same integral (sum of taps)."""
+  """[k, k', C] kernel resized bilinearly to [kh, kw, C] over the same window of the domain.
+
+  The taps are scaled by (k k') / (kh kw), the ratio of pixel areas, so the kernel as a
+  function of the domain keeps its integral: the sum of taps is kept exactly for a constant
+  kernel and approximately for a smooth one (not for a rough one, whose resampled taps
+  differ). Shrinking is antialiased (a kernel of 7 taps read at 3 averages its taps
+  instead of picking three of them).
+  """
   k0, k1, c = kernel.shape
   if (kh, kw) == (k0, k1):
     return kernel
-  out = jax.image.resize(kernel.astype(jnp.float32), (kh, kw, c), "linear", antialias=False)
+  shrink = kh < k0 or kw < k1
+  out = jax.image.resize(kernel.astype(jnp.float32), (kh, kw, c), "linear", antialias=shrink)
   return (out * (k0 * k1) / (kh * kw)).astype(kernel.dtype)
 
 

@@ -129,11 +129,11 @@ class Method(base.Method):
 
   def make_inference(self, params, aux, **options):
     """The main model's `MollifiedDDIM` with z drawn by this stage (options: num_steps,
-    batch_size, deblur, latent_steps)."""
+    batch_size, deblur, clip_denoised, latent_steps)."""
     from infdiff.methods.infty_diff.sampler import MollifiedDDIM
 
     del aux
-    allowed = {"num_steps", "batch_size", "deblur", "latent_steps"}
+    allowed = {"num_steps", "batch_size", "deblur", "clip_denoised", "latent_steps"}
     unknown = sorted(set(options) - allowed)
     if unknown:
       raise ValueError(f"{self.stage} sampling has no option(s) {', '.join(unknown)}")

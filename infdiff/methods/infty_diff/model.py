@@ -160,11 +160,12 @@ class Method(base.Method):
 
   # --- inference ----------------------------------------------------------------------
   def make_inference(self, params, aux, **options):
-    """`MollifiedDDIM` (options: num_steps, batch_size, deblur) for an unconditional model."""
+    """`MollifiedDDIM` (options: num_steps, batch_size, deblur,
+    clip_denoised) for an unconditional model."""
     from infdiff.methods.infty_diff.sampler import MollifiedDDIM
 
     del aux
-    allowed = {"num_steps", "batch_size", "deblur"}
+    allowed = {"num_steps", "batch_size", "deblur", "clip_denoised"}
     unknown = sorted(set(options) - allowed)
     if unknown:
       raise ValueError(f"{self.stage} sampling has no option(s) {', '.join(unknown)}")

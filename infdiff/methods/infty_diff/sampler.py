@@ -45,6 +45,7 @@ class MollifiedDDIM(base.Generator, base.GuidablePrior):
       num_steps=None,
       batch_size=None,
       deblur=None,
+      clip_denoised=None,
       height=None,
       width=None,
   ):
@@ -53,7 +54,8 @@ class MollifiedDDIM(base.Generator, base.GuidablePrior):
     params: its {'model': {'net': ..., 'encoder': ...}} parameters (EMA).
     z_sampler: `keys [B] -> z [B, z_dim]` for a diffusion-autoencoder model (the latent
       stage's sampler), None for an unconditional one.
-    num_steps, batch_size, deblur: sampling options (defaults: the stage's `sample`).
+    num_steps, batch_size, deblur, clip_denoised: sampling options (defaults: the
+      stage's `sample`).
     height, width: the canvas of a guidance view (`guidance_view`), else None.
     """
     s = method.cfg.sample
@@ -64,7 +66,8 @@ class MollifiedDDIM(base.Generator, base.GuidablePrior):
     self.batch_size = int(batch_size or s.batch_size)
     self.deblur = bool(s.deblur if deblur is None else deblur)
     self.max_size = int(s.max_size)
-    self.clip_x0 = 1.0 if s.clip_denoised else None
+    clip = s.clip_denoised if clip_denoised is None else clip_denoised
+    self.clip_x0 = 1.0 if clip else None
     self.eta = 0.0
     self.schedule = method.schedule
     if method.z_dim and z_sampler is None:
