@@ -73,7 +73,7 @@ def load_config(arg: str = "demo"):
 
 def bench_config(quick: bool = False):
   """The demo preset at the benchmark's sizes (data 128, inner grid 32; --quick: tiny)."""
-  c = load_config("demo")
+  c = load_config("demo,z=64")  # the diffusion autoencoder (encoder on), as in the paper
   s = c.infty_diff
   if quick:
     s.batch_size = 2

@@ -51,11 +51,11 @@ def steps(n: int) -> list[str]:
   return [f"--config.total_steps={n}", f"--config.infty_diff.total_steps={n}"]
 
 
-def main_cmd(workdir, config="configs/infty_diff.py:demo"):
+def main_cmd(workdir, config="configs/infty_diff.py:demo,z=64"):
   return [sys.executable, "-m", "infdiff.main", f"--config={config}", f"--workdir={workdir}"]
 
 
-def run_main(workdir, *extra, config="configs/infty_diff.py:demo", check=True):
+def run_main(workdir, *extra, config="configs/infty_diff.py:demo,z=64", check=True):
   cmd = main_cmd(workdir, config=config) + TINY + list(extra)
   proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
   if check and proc.returncode != 0:
@@ -262,6 +262,11 @@ PAPER_TINY = [
     "--config.infty_diff.stats_batch_size=4",
     "--config.infty_diff_latent.batch_size=4",
     "--config.infty_diff_latent.mlp.width=16",
+    "--config.infty_diff_latent.sample.num_steps=2",
+    "--config.infty_diff.sample.num_steps=2",
+    "--config.infty_diff.sample.sizes=(32,)",
+    "--config.infty_diff.sample.num=1",
+    "--config.infty_diff.sample.batch_size=1",
     "--config.total_steps=1",
 ]
 
@@ -300,7 +305,6 @@ def test_configs_carry_the_papers_numbers():
       0.008,
       "l1",
   )
-  d = _load_config("demo")
-  assert d.stages == ("infty_diff", "infty_diff_latent")
-  assert _load_config("demo,z=0").stages == ("infty_diff",)
+  assert _load_config("demo").stages == ("infty_diff",)
+  assert _load_config("demo,z=64").stages == ("infty_diff", "infty_diff_latent")
   assert _load_config("demo,rate=8").infty_diff.rate == 8.0

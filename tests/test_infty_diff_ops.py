@@ -199,6 +199,19 @@ def test_sparse_conv_gradients_match_dense(num):
   assert float(jnp.abs(want[1]).max()) > 1e-2  # a non-trivial gradient
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_fft_dense_conv_equals_direct(masked):
+  """The FFT path (large resized kernels at sampling) equals lax's direct convolution."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 23, 17, 4))
+  k = jax.random.normal(jax.random.PRNGKey(1), (11, 7, 4))
+  m = jax.random.uniform(jax.random.PRNGKey(2), (2, 23, 17)) < 0.4 if masked else None
+  a = sparse.dense_depthwise_conv(x, k, m, impl="direct")
+  b = sparse.dense_depthwise_conv(x, k, m, impl="fft")
+  np.testing.assert_allclose(b, a, atol=2e-5 * float(jnp.abs(a).max()))
+  with pytest.raises(ValueError, match="impl"):
+    sparse.dense_depthwise_conv(x, k, m, impl="winograd")
+
+
 def test_sparse_conv_rejects_even_kernels():
   """An even kernel side has no centre tap: ValueError."""
   _, pts = _points(17)

@@ -4,7 +4,8 @@ Per training image x_0 in [-1, 1] at N x N (`infty_diff.image_size`):
 
   t ~ U{0..T-1}, eps ~ N(0, I)                      (cosine schedule, T = 1000)
   x_t    = T(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps)   full resolution, DCT mollifier
-  target = T eps                                       (mollified noise)
+  target = T eps                                       (mollified noise; or the
+                                                       mollified v, a config choice)
   S      = N^2 / rate pixels, uniform without replacement, a new subset per image
   loss   = MSE(f(x_t[S], S, t, z), target[S])
 
@@ -94,6 +95,12 @@ class Method(base.Method):
     self.points = num_points(c, self.image_size)
     d = c.diffusion
     self.schedule = gaussian.make_schedule(d.schedule, int(d.num_steps))
+    self.parameterization = str(d.get("parameterization", "eps"))
+    if self.parameterization not in gaussian.PARAMETERIZATIONS:
+      raise ValueError(
+          f"infty_diff.diffusion.parameterization must be one of "
+          f"{gaussian.PARAMETERIZATIONS}, got {self.parameterization!r}"
+      )
     self.net, self.encoder = build_networks(c, self.image_size)
 
   def data_transform(self, split):
@@ -136,9 +143,13 @@ class Method(base.Method):
     x0 = batch["image"].astype(jnp.float32) * 2.0 - 1.0
     t = gaussian.sample_timesteps(k_t, b, self.schedule.num_steps)
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-    # The mollifier is linear: T(a x0 + s eps) and T eps from one transform of both.
-    both = self.mollify(jnp.concatenate([gaussian.q_sample(self.schedule, x0, t, eps), eps], -1))
-    x_t, target = both[..., :3], both[..., 3:]
+    # The mollifier is linear: x_t = T(a x0 + s eps) = a T x0 + s T eps, so one transform of
+    # (x0, eps) gives the state and the target of any parameterisation (T eps for 'eps',
+    # the paper's; a T eps - s T x0 for 'v').
+    both = self.mollify(jnp.concatenate([x0, eps], -1))
+    tx0, teps = both[..., :3], both[..., 3:]
+    x_t = gaussian.q_sample(self.schedule, tx0, t, teps)
+    target = gaussian.model_target(self.schedule, tx0, teps, t, self.parameterization)
     pts = sparse.point_set(sparse.random_subset(k_pts, b, n, n, self.points), n, n)
     z = None
     if self.encoder is not None:

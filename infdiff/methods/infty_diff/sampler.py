@@ -34,7 +34,6 @@ class MollifiedDDIM(base.Generator, base.GuidablePrior):
   """Unconditional ∞-Diff generator (and a `GuidablePrior` over canvas pixels)."""
 
   conditional = False
-  parameterization = "eps"
 
   def __init__(
       self,
@@ -70,6 +69,7 @@ class MollifiedDDIM(base.Generator, base.GuidablePrior):
     self.clip_x0 = 1.0 if clip else None
     self.eta = 0.0
     self.schedule = method.schedule
+    self.parameterization = method.parameterization
     if method.z_dim and z_sampler is None:
       raise ValueError(
           "this ∞-Diff model is conditioned on an autoencoder latent z: sample it through "
@@ -108,7 +108,7 @@ class MollifiedDDIM(base.Generator, base.GuidablePrior):
     return self.z_sampler([jax.random.fold_in(k, 1) for k in keys])
 
   def denoiser(self, params, height: int, width: int):
-    """`(x [B, H, W, 3], t [B], z) -> T eps_hat [B, H, W, 3]` on the full grid."""
+    """`(x [B, H, W, 3], t [B], z) -> output [B, H, W, 3]` (T eps_hat or the mollified v)."""
     m = self.method
 
     def fn(x, t, z=None):
@@ -144,7 +144,7 @@ class MollifiedDDIM(base.Generator, base.GuidablePrior):
         noise,
         num_steps=self.num_steps,
         eta=0.0,
-        parameterization="eps",
+        parameterization=self.parameterization,
         clip_x0=self.clip_x0,
     )
     return self.output(x0, height, width)
