@@ -125,6 +125,31 @@ def load_run(path: str, stage: str | None = None, step: int | None = None) -> Ru
   return Run(config, stage, directory, method, params, aux, int(read_step))
 
 
+def previous_stage_dir(configured: str, workdir: str, stage: str) -> str:
+  """The run a later stage reads: `configured` if set, else the sibling `<run>/<stage>`."""
+  if configured:
+    return configured
+  return os.path.join(os.path.dirname(os.path.normpath(workdir)), stage)
+
+
+def load_previous_stage(path: str, stage: str, needed_by: str, field: str) -> Run:
+  """The finished `stage` run at `path` (a run or its stage directory), or a one-line error.
+
+  Args:
+    path: where the later stage looks (`previous_stage_dir`).
+    stage: the stage it needs (e.g. 'infd_ae').
+    needed_by: the stage that needs it, for the message.
+    field: the config field that names the path, for the message.
+  """
+  stages = stage_dirs(path) if os.path.isdir(path) else {}
+  if stage not in stages:
+    have = ", ".join(stages) or "no trained stage"
+    raise FileNotFoundError(
+        f"{needed_by} needs a finished {stage} run ({field}); {path} has {have}"
+    )
+  return load_run(path, stage)
+
+
 def _providers(path: str, kind: str) -> tuple[list[str], dict[str, tuple[str, ...]]]:
   dirs = stage_dirs(path)
   provides = {s: tuple(methods.get_method_class(s).provides) for s in dirs}

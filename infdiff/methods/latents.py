@@ -6,13 +6,35 @@ INFD's latent DDPM can rescale by the overall std (LDM's `scale_by_std`).
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
+from infdiff import checkpoint as ckpt_lib
 from infdiff.data import transforms
 
 STATS_FILE = "latent_stats.json"  # per-channel latent statistics, beside the checkpoints
+
+
+def read_stats(stage_dir: str) -> dict | None:
+  """{'mean', 'std', 'count'} that a stage's `finalize` wrote, or None before it ran."""
+  path = os.path.join(stage_dir, STATS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_stats(stage_dir: str, stats: dict, stage: str) -> str:
+  """Writes the statistics beside the stage's checkpoints (atomically); returns the path."""
+  path = os.path.join(stage_dir, STATS_FILE)
+  ckpt_lib.write_json(path, stats)
+  logging.info("[%s] latent statistics over %d latents written to %s", stage, stats["count"], path)
+  return path
 
 
 def latent_statistics(method, ctx) -> dict:

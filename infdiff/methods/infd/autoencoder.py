@@ -27,15 +27,11 @@ BatchNorm statistics updates (see `_gen_loss`). No EMA (ema_decay 0), no clippin
 
 from __future__ import annotations
 
-import json
-import os
-
 import flax
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from infdiff import checkpoint as ckpt_lib
 from infdiff.data import sources, transforms
 from infdiff.losses import adaptive, gan
 from infdiff.methods import base, latents
@@ -289,21 +285,12 @@ class Method(base.Method):
 
   def latent_stats(self) -> dict | None:
     """{'mean', 'std', 'count'} of the un-quantised latent, written by `finalize`."""
-    path = os.path.join(self.workdir, latents.STATS_FILE)
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
+    return latents.read_stats(self.workdir)
 
   def finalize(self, ctx):
     """Per-channel statistics of the un-quantised latent over training images (the latent
     DDPM's `scale_factor=0` rescales by their overall std, LDM's scale_by_std)."""
-    stats = latents.latent_statistics(self, ctx)
-    path = os.path.join(self.workdir, latents.STATS_FILE)
-    ckpt_lib.write_json(path, stats)
-    logging.info(
-        "[%s] latent statistics over %d latents written to %s", self.stage, stats["count"], path
-    )
+    latents.write_stats(self.workdir, latents.latent_statistics(self, ctx), self.stage)
 
   def make_inference(self, params, aux, *, tile=None, batch=None):
     """The `FieldAutoencoder` of these parameters (`pipeline.Autoencoder`)."""

@@ -31,21 +31,12 @@ AE_STAGE = "infd_ae"
 
 def stage1_dir(config, workdir: str) -> str:
   """The autoencoder run: `infd_ldm.stage1_workdir` if set, else the sibling stage."""
-  path = config.infd_ldm.stage1_workdir
-  if path:
-    return path
-  return os.path.join(os.path.dirname(os.path.normpath(workdir)), AE_STAGE)
+  return runs.previous_stage_dir(config.infd_ldm.stage1_workdir, workdir, AE_STAGE)
 
 
 def load_autoencoder_run(path: str):
   """The frozen `infd_ae` run at `path` (a run or its stage directory), or a one-line error."""
-  stages = runs.stage_dirs(path) if os.path.isdir(path) else {}
-  if AE_STAGE not in stages:
-    have = ", ".join(stages) or "no trained stage"
-    raise FileNotFoundError(
-        f"infd_ldm needs a finished {AE_STAGE} run (infd_ldm.stage1_workdir); {path} has {have}"
-    )
-  return runs.load_run(path, AE_STAGE)
+  return runs.load_previous_stage(path, AE_STAGE, "infd_ldm", "infd_ldm.stage1_workdir")
 
 
 def scale_by_std(stats: dict | None, where: str) -> float:

@@ -27,21 +27,15 @@ MAIN_STAGE = "infty_diff"
 
 
 def main_dir(config, workdir: str) -> str:
-  path = config.infty_diff_latent.stage1_workdir
-  if path:
-    return path
-  return os.path.join(os.path.dirname(os.path.normpath(workdir)), MAIN_STAGE)
+  """The main run: `infty_diff_latent.stage1_workdir` if set, else the sibling stage."""
+  return runs.previous_stage_dir(config.infty_diff_latent.stage1_workdir, workdir, MAIN_STAGE)
 
 
 def load_main_run(path: str):
-  stages = runs.stage_dirs(path) if os.path.isdir(path) else {}
-  if MAIN_STAGE not in stages:
-    have = ", ".join(stages) or "no trained stage"
-    raise FileNotFoundError(
-        f"infty_diff_latent needs a finished {MAIN_STAGE} run "
-        f"(infty_diff_latent.stage1_workdir); {path} has {have}"
-    )
-  return runs.load_run(path, MAIN_STAGE)
+  """The frozen `infty_diff` run at `path`, or a one-line error."""
+  return runs.load_previous_stage(
+      path, MAIN_STAGE, "infty_diff_latent", "infty_diff_latent.stage1_workdir"
+  )
 
 
 class Method(base.Method):

@@ -23,13 +23,11 @@ The shapes are static (P = N^2 / rate points), so the step compiles once.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from infdiff.data import transforms
 from infdiff.diffusion import gaussian, mollifier
@@ -183,20 +181,15 @@ class Method(base.Method):
     return MollifiedDDIM(self, params, **options)
 
   def latent_stats(self) -> dict | None:
-    path = os.path.join(self.workdir, latents.STATS_FILE)
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
+    """{'mean', 'std', 'count'} of z written by `finalize`, or None before it ran."""
+    return latents.read_stats(self.workdir)
 
   def finalize(self, ctx):
     """z statistics (diffusion autoencoder) or sample grids (unconditional model)."""
     params = ctx.state.ema or ctx.state.params
     if self.encoder is not None:
       stats = self.z_statistics(ctx, params["model"]["encoder"])
-      with open(os.path.join(self.workdir, latents.STATS_FILE), "w") as f:
-        json.dump(stats, f)
-      logging.info("[%s] z statistics over %d images written", self.stage, stats["count"])
+      latents.write_stats(self.workdir, stats, self.stage)
       return
     from infdiff import sampling
 

@@ -10,21 +10,15 @@ resolution coordinate grid.
 
 from __future__ import annotations
 
-import json
-import os
-
 import flax
 import jax
 import jax.numpy as jnp
-from absl import logging
 
-from infdiff import checkpoint as ckpt_lib
 from infdiff import fields
 from infdiff.data import transforms
 from infdiff.losses import adaptive
 from infdiff.losses.distill import distill_loss
-from infdiff.methods import base
-from infdiff.methods.latents import STATS_FILE, latent_statistics
+from infdiff.methods import base, latents
 from infdiff.models.nif import NIFAutoencoder
 
 
@@ -229,20 +223,11 @@ class Method(base.Method):
 
   def latent_stats(self) -> dict | None:
     """{'mean', 'std', 'count'} written by `finalize`, or None before it ran."""
-    path = os.path.join(self.workdir, STATS_FILE)
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
+    return latents.read_stats(self.workdir)
 
   def finalize(self, ctx):
     """Per-channel latent mean/std over the training set, stored beside the checkpoints."""
-    stats = latent_statistics(self, ctx)
-    path = os.path.join(self.workdir, STATS_FILE)
-    ckpt_lib.write_json(path, stats)
-    logging.info(
-        "[%s] latent statistics over %d latents written to %s", self.stage, stats["count"], path
-    )
+    latents.write_stats(self.workdir, latents.latent_statistics(self, ctx), self.stage)
 
 
 def inference_params(params) -> dict:
