@@ -164,9 +164,17 @@ def test_train_step_compiles_once_per_subset_size(run_dir):
 
 
 def test_evaluate_swd_through_the_generator_contract(run_dir):
-  proc = _cli("infdiff.evaluate", f"--workdir={run_dir}", "--metric=swd", "--num=4", "--size=16x16")
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert json.loads((run_dir / "eval" / "swd.json").read_text())
+  args = [f"--workdir={run_dir}", "--metric=swd", "--num=4", "--size=16x16"]
+  values = []
+  for extra in ([], ["--sampler_option=deblur=true"]):
+    proc = _cli("infdiff.evaluate", *args, *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    values.append(json.loads((run_dir / "eval" / "swd.json").read_text())["rows"])
+  assert values[0] != values[1]  # the Wiener-deblurred images are other images
+  proc = _cli("infdiff.evaluate", *args, "--sampler_option=sharpen=2")
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "sharpen" in lines[0], proc.stderr
 
 
 def test_guide_cli_runs_through_the_canvas_prior(run_dir, tmp_path):
