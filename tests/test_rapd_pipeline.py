@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infdiff.methods import base
+from infdiff.methods import base, latents
 from infdiff.methods.rapd import stage1, stage2
 
 
@@ -46,7 +46,7 @@ def test_latent_statistics_are_the_encoders_channel_moments(tmp_path):
   ctx = types.SimpleNamespace(
       state=state, make_loader=lambda **kw: iter([{"image": b} for b in batches])
   )
-  stats = stage1.latent_statistics(method, ctx)
+  stats = latents.latent_statistics(method, ctx)
   images = np.concatenate(batches)[:10]
   z = np.asarray(method.model.apply({"params": params}, jnp.asarray(images), method="encode"))
   z = z.reshape(-1, z.shape[-1]).astype(np.float64)
