@@ -36,7 +36,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The CLI's flags, defined only when it runs as a program: the library functions below
   are imported by tests and notebooks next to other CLIs that define the same names."""
-  flags.DEFINE_string("workdir", None, "Run directory whose generator is a GuidablePrior (INFD).")
+  flags.DEFINE_string(
+      "workdir", None, "Run directory whose generator is a GuidablePrior (INFD, ∞-Diff)."
+  )
   flags.DEFINE_string("canvas", None, "Canvas size WxH in pixels, e.g. 2048x2048.")
   flags.DEFINE_string("lowres", None, "PNG of the whole canvas at low resolution.")
   flags.DEFINE_multi_string("crop", [], "top,left,PNG: known pixels of the canvas; repeatable.")
