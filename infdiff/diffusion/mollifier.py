@@ -46,13 +46,13 @@ def scaled_sigmas(sigma: float, height: int, width: int, train_side: int) -> tup
   return float(sigma) * height / train_side, float(sigma) * width / train_side
 
 
-def _apply_gains(x: jax.Array, gy: np.ndarray, gx: np.ndarray) -> jax.Array:
-  """idct(gy[:, None] * gx[None, :] * dct(x)) over axes (1, 2) of [B, H, W, C] float32."""
+def _filter(x: jax.Array, g: np.ndarray) -> jax.Array:
+  """idct(g * dct(x)) over axes (1, 2) of [B, H, W, C] float32, g [H, W] per coefficient."""
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 4:
     raise ValueError(f"mollifier takes [B, H, W, C] images, got shape {x.shape}")
   c = jfft.dctn(x, type=2, axes=(1, 2), norm="ortho")
-  g = jnp.asarray(np.outer(gy, gx)[None, :, :, None], jnp.float32)
+  g = jnp.asarray(np.asarray(g, np.float32)[None, :, :, None])
   return jfft.idctn(c * g, type=2, axes=(1, 2), norm="ortho")
 
 
@@ -69,7 +69,7 @@ def mollify(x: jax.Array, sigma_y: float, sigma_x: float | None = None) -> jax.A
   """
   sigma_x = sigma_y if sigma_x is None else sigma_x
   h, w = x.shape[1], x.shape[2]
-  return _apply_gains(x, gain(h, sigma_y), gain(w, sigma_x))
+  return _filter(x, np.outer(gain(h, sigma_y), gain(w, sigma_x)))
 
 
 def wiener(
@@ -82,7 +82,4 @@ def wiener(
   sigma_x = sigma_y if sigma_x is None else sigma_x
   h, w = x.shape[1], x.shape[2]
   g = np.outer(gain(h, sigma_y), gain(w, sigma_x)).astype(np.float64)
-  inv = (g / (g**2 + float(eps) ** 2)).astype(np.float32)
-  x = jnp.asarray(x, jnp.float32)
-  c = jfft.dctn(x, type=2, axes=(1, 2), norm="ortho")
-  return jfft.idctn(c * jnp.asarray(inv[None, :, :, None]), type=2, axes=(1, 2), norm="ortho")
+  return _filter(x, g / (g**2 + float(eps) ** 2))

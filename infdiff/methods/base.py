@@ -218,6 +218,23 @@ class Generator(abc.ABC):
     call `check_conditions` first.
     """
 
+  @staticmethod
+  def key_batches(n_total: int, seed: int, batch: int):
+    """Yields (count, keys): per-sample keys fold_in(PRNGKey(seed), i) in fixed-size batches.
+
+    The last batch is padded by repeating its last key (a fixed shape: one compile) and
+    `count` says how many of its results are real, so sample i depends on its seed and
+    index only, whatever the batching.
+    """
+    import jax  # local: keeps this module importable without initialising jax
+
+    key = jax.random.PRNGKey(seed)
+    for start in range(0, n_total, batch):
+      idx = list(range(start, min(start + batch, n_total)))
+      count = len(idx)
+      idx += [idx[-1]] * (batch - count)
+      yield count, [jax.random.fold_in(key, i) for i in idx]
+
   def sample(self, conditions, num: int, seed: int, sizes) -> dict:
     """{(W, H): [len(conditions) * num, H, W, 3] float32 in [0, 1]}."""
     return dict(self.iter_sample(conditions, num, seed, sizes))

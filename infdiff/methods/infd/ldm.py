@@ -235,18 +235,12 @@ class LatentDDPM(base.LatentGenerator, base.GuidablePrior):
     conditions = self.check_conditions(conditions)
     if num <= 0:
       raise ValueError(f"--num must be positive, got {num}")
-    n_total = len(conditions) * num
-    key = jax.random.PRNGKey(seed)
-    b = self.batch_size
     out = []
-    for start in range(0, n_total, b):
-      idx = list(range(start, min(start + b, n_total)))
-      idx += [idx[-1]] * (b - len(idx))  # fixed batch: one compile
-      keys = [jax.random.fold_in(key, i) for i in idx]
+    for count, keys in self.key_batches(len(conditions) * num, seed, self.batch_size):
       noise = jnp.stack([jax.random.normal(k, self.latent_shape, jnp.float32) for k in keys])
       step_keys = jnp.stack([jax.random.fold_in(k, 1) for k in keys])
       x0 = self._sample(self.params, noise, step_keys, jnp.float32(self.eta))
-      out.append(np.asarray(jax.device_get(x0))[: min(b, n_total - start)])
+      out.append(np.asarray(jax.device_get(x0))[:count])
     return np.concatenate(out)
 
   def render(self, latents, height: int, width: int) -> np.ndarray:

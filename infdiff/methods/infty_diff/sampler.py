@@ -155,17 +155,12 @@ class MollifiedDDIM(base.Generator, base.GuidablePrior):
     if num <= 0:
       raise ValueError(f"--num must be positive, got {num}")
     n_total = len(conditions) * num
-    key = jax.random.PRNGKey(seed)
-    b = self.batch_size
     for w, h in sizes:
       out = []
-      for start in range(0, n_total, b):
-        idx = list(range(start, min(start + b, n_total)))
-        idx += [idx[-1]] * (b - len(idx))  # fixed batch: one compile per size
-        keys = [jax.random.fold_in(key, i) for i in idx]
+      for count, keys in self.key_batches(n_total, seed, self.batch_size):
         x = self._sample(self.params, self.noise(keys, h, w), self.latents_z(keys), h, w)
         img = (np.asarray(jax.device_get(x), np.float32) + 1.0) / 2.0
-        out.append(np.clip(img, 0.0, 1.0)[: min(b, n_total - start)])
+        out.append(np.clip(img, 0.0, 1.0)[:count])
       yield (w, h), np.concatenate(out)
 
   # --- GuidablePrior -----------------------------------------------------------------
