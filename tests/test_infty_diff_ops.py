@@ -308,6 +308,58 @@ def test_grid_to_points_reproduces_linear_functions():
   np.testing.assert_allclose(got, lin(np.clip(coords, lo, hi)), atol=1e-5)
 
 
+def test_density_factors_exact_and_identity():
+  """Rate 1 changes nothing; small cases against direct enumeration of the subsets."""
+  assert sparse.density_factors(25, 1.0) == (1.0, 1.0)
+  # 3 taps at q = 1/2: the two neighbours are present with probability 1/4 each pair.
+  centre, other = sparse.density_factors(3, 2.0)
+  np.testing.assert_allclose(centre, 3 * (0.25 / 1 + 0.5 / 2 + 0.25 / 3))
+  np.testing.assert_allclose(other, 0.5 * 3 * (0.5 / 2 + 0.5 / 3))
+  c4, o4 = sparse.density_factors(25, 4.0)
+  assert 3.9 < c4 < 4.1 and 0.8 < o4 < 0.95  # the point's own value weighs ~4x on subsets
+  with pytest.raises(ValueError, match="rate must be >= 1"):
+    sparse.density_factors(9, 0.5)
+
+
+def test_density_matched_kernel_is_the_mean_of_the_subset_operator():
+  """Full-grid conv with the matched kernel == mean of the count-normalised conv over
+  random quarter subsets (interior pixels, to within Monte-Carlo error); the raw kernel
+  is far off."""
+  h = w = 16
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, h, w, 2)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((5, 5, 2)), jnp.float32)
+  conv = jax.jit(
+      lambda v, flat: sparse.sparse_depthwise_conv(v, kernel, sparse.point_set(flat, h, w), h, w)
+  )
+  acc, hits = np.zeros((h * w, 2)), np.zeros((h * w, 1))
+  for i in range(300):
+    flat = sparse.random_subset(jax.random.PRNGKey(i), 1, h, w, h * w // 4)
+    out = conv(sparse.gather_points(x, sparse.point_set(flat, h, w)), flat)
+    f = np.asarray(flat[0])
+    acc[f] += np.asarray(out[0])
+    hits[f] += 1
+  mean = (acc / hits).reshape(h, w, 2)[2:-2, 2:-2]
+  matched = sparse.dense_depthwise_conv(x, sparse.density_matched_kernel(kernel, 5, 5, 4.0))
+  raw = sparse.dense_depthwise_conv(x, kernel)
+  err_matched = np.abs(np.asarray(matched[0, 2:-2, 2:-2]) - mean).mean()
+  err_raw = np.abs(np.asarray(raw[0, 2:-2, 2:-2]) - mean).mean()
+  assert err_matched < 0.35 * err_raw, (err_matched, err_raw)
+  assert sparse.density_matched_kernel(kernel, 5, 5, 1.0) is kernel
+
+
+def test_density_matched_kernel_keeps_the_point_term_when_resized():
+  """At another size the point term (centre - other) x centre tap is added unscaled and
+  the rest is the resized kernel times `other`."""
+  kernel = jnp.asarray(np.random.default_rng(1).standard_normal((5, 5, 3)), jnp.float32)
+  centre, other = sparse.density_factors(25, 4.0)
+  got = sparse.density_matched_kernel(kernel, 11, 9, 4.0)
+  want = sparse.resize_kernel(kernel * other, 11, 9)
+  want = want.at[5, 4].add((centre - other) * kernel[2, 2])
+  assert got.shape == (11, 9, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 # --- kernels, subsets, point sets -----------------------------------------------------------
 @pytest.mark.parametrize("shape", [(3, 3, 7, 7), (5, 3, 9, 5), (7, 7, 3, 3), (3, 5, 5, 9)])
 def test_resize_kernel_shape_and_integral(shape):

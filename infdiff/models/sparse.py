@@ -275,6 +275,49 @@ def resize_kernel(kernel: jax.Array, kh: int, kw: int) -> jax.Array:
   return (out * (k0 * k1) / (kh * kw)).astype(kernel.dtype)
 
 
+def density_factors(taps: int, rate: float) -> tuple[float, float]:
+  """(centre, other) tap factors of the count-normalised convolution's mean at density 1/rate.
+
+  Trained on random subsets holding each pixel with probability q = 1 / rate, the
+  convolution at a present point p is (taps / count_p) sum_{o present} w_o x_{p+o}, where
+  count_p = 1 + Binomial(taps - 1, q) (p itself is always present). Its mean over subsets,
+  for a full-grid input, is a plain convolution with the centre tap scaled by
+  E[taps / count_p] and every other tap by q E[taps / (2 + Binomial(taps - 2, q))]: at
+  q = 1/4 and 25 taps the centre weighs 4.0 times its full-grid share. Evaluating a
+  rate-r model on the full grid with the raw kernel therefore feeds every block features
+  it never saw in training; these factors give it the operator it was trained on, in
+  expectation. Both are 1 at rate 1.
+  """
+  if rate < 1.0:
+    raise ValueError(f"subsampling rate must be >= 1, got {rate}")
+  q = 1.0 / rate
+
+  def mean_inverse(n: int, offset: int) -> float:  # E[1 / (offset + Binomial(n, q))]
+    return sum(math.comb(n, j) * q**j * (1.0 - q) ** (n - j) / (offset + j) for j in range(n + 1))
+
+  if taps == 1:
+    return 1.0, 1.0
+  return taps * mean_inverse(taps - 1, 1), q * taps * mean_inverse(taps - 2, 2)
+
+
+def density_matched_kernel(kernel: jax.Array, kh: int, kw: int, rate: float) -> jax.Array:
+  """A [k, k', C] kernel trained at subsampling `rate`, for the full grid at kh x kw taps.
+
+  The trained operator's mean (`density_factors`) is a point term, the centre tap times
+  (centre - other), plus the kernel times `other` as a function of the domain. The second
+  is resized with `resize_kernel`; the point term is added to the new centre tap unscaled,
+  since a point evaluation does not change with the pixel size. At rate 1 this is
+  `resize_kernel`.
+  """
+  k0, k1, _ = kernel.shape
+  if rate == 1.0:
+    return resize_kernel(kernel, kh, kw)
+  centre, other = density_factors(k0 * k1, rate)
+  point = (centre - other) * kernel[k0 // 2, k1 // 2].astype(jnp.float32)
+  out = resize_kernel(kernel.astype(jnp.float32) * other, kh, kw)
+  return out.at[kh // 2, kw // 2].add(point).astype(kernel.dtype)
+
+
 def scaled_kernel_size(k: int, ratio: float) -> int:
   """The odd size nearest k * ratio, at least 3 (∞-Diff's kernel rule at another resolution)."""
   if abs(ratio - 1.0) < 1e-9:

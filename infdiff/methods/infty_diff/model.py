@@ -44,6 +44,8 @@ def build_networks(cfg, image_size: int):
       num_blocks=n.num_blocks,
       kernel_size=n.kernel_size,
       train_side=image_size,
+      # Full-grid evaluation uses the mean of the kernels trained at this rate.
+      train_rate=float(cfg.rate) if cfg.net.get("density_match", True) else 1.0,
       grid_size=n.grid_size,
       grid_channels=n.grid_channels,
       knn=n.knn,
