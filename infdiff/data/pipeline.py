@@ -51,6 +51,7 @@ from infdiff.data import transforms as transforms_lib
 
 BATCH_STREAM = 0x5EED  # tag that keeps the per-batch generator apart from per-record ones
 _SKIP_REASON = "_skip_reason"  # int32 [B, K] reason code per failed attempt, -1 = none
+INDEX = "index"  # int32 [B] source index of every example
 _SKIP_INDEX = "_skip_index"  # int64 [B, K] source index of each failed attempt
 
 
@@ -145,6 +146,7 @@ class _ReadRecord:
     rng = np.random.default_rng([self.seed, self.process_index, position])
     batch_rng = np.random.default_rng([self.seed, BATCH_STREAM, position // self.rows_per_batch])
     out = self.transform(record, rng, batch_rng)
+    out[INDEX] = np.int32(index)  # the source record read (per-image parameters)
     out[_SKIP_REASON] = reasons
     out[_SKIP_INDEX] = failed
     return out

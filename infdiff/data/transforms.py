@@ -251,6 +251,30 @@ class RandomResizedSquare:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResizeTo:
+  """The whole image resized to height x width (aspect ratio not kept; Patch-DM's
+  1024 x 512 training images), area filter down, bicubic up. Output as
+  `RandomResizedSquare`'s.
+  """
+
+  height: int = 64
+  width: int = 64
+
+  def __call__(self, record, rng: np.random.Generator, batch_rng: np.random.Generator):
+    del rng, batch_rng
+    image = record["image"]
+    h, w = image.shape[:2]
+    if h >= self.height and w >= self.width:
+      img = np.asarray(fields.area_downsample(image, self.height, self.width), np.float32)
+    else:
+      size = (self.width, self.height)
+      img = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC), np.float32)
+    out = _passthrough(record)
+    out["image"] = np.clip(img / 255.0, 0.0, 1.0)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class Tokenize:
   """Adds 'text_ids' and 'text_mask' (int32 [L]) from `tokenize(caption) -> (ids, mask)`.
 

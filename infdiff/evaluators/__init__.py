@@ -17,6 +17,7 @@ METRICS = {
     "scale_consistency": "scale_consistency",
     "shapes_eval": "shapes_eval",
     "swd": "swd",
+    "seams": "seams",
     "fid": "fid",
     "pfid": "fid",
     "fid_clip": "fid",

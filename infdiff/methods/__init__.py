@@ -18,6 +18,8 @@ STAGES = {
     "infd_ldm": "infdiff.methods.infd.ldm",
     "infty_diff": "infdiff.methods.infty_diff.model",
     "infty_diff_latent": "infdiff.methods.infty_diff.latent",
+    "patch_dm": "infdiff.methods.patch_dm.model",
+    "patch_dm_codes": "infdiff.methods.patch_dm.codes",
 }
 
 

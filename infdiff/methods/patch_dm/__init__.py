@@ -1,0 +1,1 @@
+"""Patch-DM (papers/patch_dm.txt): patch diffusion with feature collage."""
