@@ -380,6 +380,7 @@ def ddim_sample(
     clip_x0: float | jax.Array | None = None,
     transform: Transform | None = None,
     noise_transform: Callable[[jax.Array], jax.Array] | None = None,
+    loop: str = "fori",
 ) -> jax.Array:
   """DDIM sampling on `ddim_timesteps(T, num_steps)` (num_steps model calls).
 
@@ -405,11 +406,17 @@ def ddim_sample(
       at. It sees the state after the fresh noise was added.
     noise_transform: optional `z -> z` applied to the fresh noise before it is added
       (see `ddpm_sample`); unused when eta = 0.
+    loop: 'fori' (`lax.fori_loop`, traceable: the whole sampler jits as one program) or
+      'python' (a host loop over the same step: model_fn may then call its own jitted
+      functions of fixed shapes, e.g. Patch-DM's patch batches, which then compile once
+      whatever the canvas size).
 
   Returns:
     x_0 samples [B, ...] in noise's dtype.
   """
   _check_parameterization(parameterization)
+  if loop not in ("fori", "python"):
+    raise ValueError(f"loop must be 'fori' or 'python', got {loop!r}")
   deterministic = isinstance(eta, (int, float)) and eta == 0
   if not deterministic and rng is None:
     raise ValueError("ddim_sample with eta != 0 needs an rng")
@@ -432,7 +439,12 @@ def ddim_sample(
       x = jnp.sqrt(a_s) * x0 + dir_scale * eps + sigma * z
     return x if transform is None else transform(x, tb)
 
-  x = jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
+  x = noise.astype(jnp.float32)
+  if loop == "python":
+    for i in range(num_steps):
+      x = step(i, x)
+  else:
+    x = jax.lax.fori_loop(0, num_steps, step, x)
   return x.astype(noise.dtype)
 
 

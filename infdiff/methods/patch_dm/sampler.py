@@ -30,6 +30,8 @@ about 4 x ch floats per pixel) do, like the canvas.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,8 +97,8 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
     self.canvas = (height, width)
     if height is not None:
       self.latent_shape = (int(height), int(width), 3)
-    self.trace_count = 0
-    self._sample = jax.jit(self._sample_impl, static_argnums=(3, 4))
+    self.patch_traces = {}  # traces of the jitted patch functions (host sampling)
+    self._jitted = {}
 
   def set_params(self, params, aux) -> None:
     del aux
@@ -128,40 +130,76 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
     inside = (q[..., 0] >= 0) & (q[..., 0] <= th) & (q[..., 1] >= 0) & (q[..., 1] <= tw)
     return q, inside[..., None].astype(jnp.float32)
 
+  # --- the patch UNet on a batch of patches -----------------------------------------------
+  def _embed(self, up, t, feats, code):
+    return self.method.unet.apply(up, t, feats, code, method="embed")
+
+  def _encode(self, up, x, t, feats, code):
+    """Patches [N, p, p, 3] -> (skips, bottleneck) of the UNet encoder."""
+    return self.method.unet.apply(up, x, self._embed(up, t, feats, code), method="encode")
+
+  def _decode(self, up, skips, h, t, feats, code):
+    """(Collaged) skips and bottleneck of N patches -> eps_hat [N, p, p, 3]."""
+    return self.method.unet.apply(up, skips, h, self._embed(up, t, feats, code), method="decode")
+
+  def _whole(self, up, x, t, feats, code):
+    return self._decode(up, *self._encode(up, x, t, feats, code), t, feats, code)
+
+  def _patch_map(self, name, up, host, *xs):
+    """`self._<name>(up, *xs)` over N patches, `patch_batch` at a time.
+
+    Traced (host=False): `lax.map` inside the caller's program (guidance). Host: the
+    stage's jitted function on fixed-size chunks (the last one zero-padded), so it
+    compiles once per patch batch whatever the canvas.
+    """
+    fn = getattr(self, f"_{name}")
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if not host:
+      single = lambda a: jax.tree.map(lambda v: v[0], fn(up, *jax.tree.map(lambda v: v[None], a)))
+      return jax.lax.map(single, xs, batch_size=self.patch_batch)
+    k = self.patch_batch
+    if name not in self._jitted:
+
+      def counted(*args, fn=fn, name=name):
+        self.patch_traces[name] = self.patch_traces.get(name, 0) + 1
+        return fn(*args)
+
+      self._jitted[name] = jax.jit(counted)
+
+    def piece(v, start):  # rows start..start+k of v, zero-padded to k
+      rows = v[start : start + k]
+      return jnp.pad(rows, [(0, k - rows.shape[0])] + [(0, 0)] * (v.ndim - 1))
+
+    outs = []
+    for start in range(0, n, k):
+      out = self._jitted[name](up, *jax.tree.map(functools.partial(piece, start=start), xs))
+      outs.append(out)
+    return jax.tree.map(lambda *v: jnp.concatenate(v)[:n], *outs)
+
   # --- the denoiser on a canvas ----------------------------------------------------------
-  def denoiser(self, params, height: int, width: int):
-    """`(x [B, H, W, 3], t [B], code [B, K]) -> eps_hat [B, H, W, 3]`."""
+  def denoiser(self, params, height: int, width: int, host: bool = False):
+    """`(x [B, H, W, 3], t [B], code [B, K]) -> eps_hat [B, H, W, 3]`; traceable unless
+    `host` (then it runs the jitted patch functions from Python)."""
     m, ps = self.method, self.patch_size
     nh, nw = height // ps, width // ps
-    unet, up = m.unet, {"params": params["model"]["unet"]}
+    up = {"params": params["model"]["unet"]}
     pos_dim = int(m.cfg.pos_dim)
-
-    def embed(t, feats, code):  # one patch's conditioning
-      return unet.apply(up, t[None], feats[None], code[None], method="embed")
-
-    def patch_map(fn, *xs):  # `fn` over patches, `patch_batch` at a time
-      return jax.lax.map(lambda a: fn(*a), xs, batch_size=self.patch_batch)
+    pmap = lambda name, *xs: self._patch_map(name, up, host, *xs)
 
     def inputs(b, t, code, grid_pos, use_pos):
-      """Per-patch (t, position features, code), patches of a [n, m] grid row-major."""
+      """Per-patch (t, position features, code) of a [n, m] patch grid, row-major."""
       pos, keep = self._positions(grid_pos, nh, nw)
       feats = position_features(pos, pos_dim) * (keep if use_pos else 0.0)
       n = grid_pos.shape[0] * grid_pos.shape[1]
       feats = jnp.broadcast_to(feats.reshape(1, n, pos_dim), (b, n, pos_dim))
       return jnp.repeat(t, n), feats.reshape(b * n, pos_dim), jnp.repeat(code, n, axis=0)
 
-    def whole(xp, tp, fp, cp):  # the UNet on one patch
-      c = embed(tp, fp, cp)
-      skips, h = unet.apply(up, xp[None], c, method="encode")
-      return unet.apply(up, skips, h, c, method="decode")[0]
-
     def per_patch(x, t, code, shifted, use_pos):
       """Every patch alone, on the image grid or (shifted) the half-patch padded grid."""
       b = x.shape[0]
-      src = collage.pad_half(x, ps) if shifted else x
-      tiles = collage.split(src, ps)
+      tiles = collage.split(collage.pad_half(x, ps) if shifted else x, ps)
       grid_pos = collage.padded_positions(nh, nw) if shifted else collage.image_positions(nh, nw)
-      out = patch_map(whole, tiles.reshape(-1, ps, ps, 3), *inputs(b, t, code, grid_pos, use_pos))
+      out = pmap("whole", tiles.reshape(-1, ps, ps, 3), *inputs(b, t, code, grid_pos, use_pos))
       out = collage.merge(out.reshape(tiles.shape))
       half = ps // 2
       return out[:, half : half + height, half : half + width] if shifted else out
@@ -169,13 +207,8 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
     def feature_collage(x, t, code, use_pos):
       b = x.shape[0]
       tiles = collage.split(collage.pad_half(x, ps), ps)  # [B, nh+1, nw+1, p, p, 3]
-
-      def enc(xp, tp, fp, cp):
-        skips, h = unet.apply(up, xp[None], embed(tp, fp, cp), method="encode")
-        return [s[0] for s in skips], h[0]
-
-      skips, h = patch_map(
-          enc,
+      skips, h = pmap(
+          "encode",
           tiles.reshape(-1, ps, ps, 3),
           *inputs(b, t, code, collage.padded_positions(nh, nw), use_pos),
       )
@@ -184,26 +217,25 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
         g = collage.collage(f.reshape(b, nh + 1, nw + 1, *f.shape[1:]))
         return g.reshape(-1, *f.shape[1:])
 
-      def dec(sk, hh, tp, fp, cp):
-        c = embed(tp, fp, cp)
-        return unet.apply(up, [s[None] for s in sk], hh[None], c, method="decode")[0]
-
-      out = patch_map(
-          dec,
+      out = pmap(
+          "decode",
           [coll(s) for s in skips],
           coll(h),
           *inputs(b, t, code, collage.image_positions(nh, nw), use_pos),
       )
       return collage.merge(out.reshape(b, nh, nw, ps, ps, 3))
 
-    steps = jnp.asarray(gaussian.ddim_timesteps(self.schedule.num_steps, self.num_steps))
+    steps = np.asarray(gaussian.ddim_timesteps(self.schedule.num_steps, self.num_steps))
 
     def predict(x, t, code, use_pos=True):
       if self.collage == "feature":
         return feature_collage(x, t, code, use_pos)
       if self.collage == "none":
         return per_patch(x, t, code, False, use_pos)
-      odd = jnp.argmax(steps == t[0]) % 2 == 1  # this step's index on DDIM's grid
+      if host:  # the step index is known on the host
+        odd = int(np.argmax(steps == int(t[0]))) % 2 == 1
+        return per_patch(x, t, code, odd, use_pos)
+      odd = jnp.argmax(jnp.asarray(steps) == t[0]) % 2 == 1
       return jax.lax.cond(
           odd,
           lambda a, b, c: per_patch(a, b, c, True, use_pos),
@@ -237,9 +269,9 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
         [jax.random.normal(jax.random.fold_in(k, 0), (height, width, 3)) for k in keys]
     )
 
-  def _sample_impl(self, params, noise, code, height, width):
-    self.trace_count += 1
-    fn = self.denoiser(params, height, width)
+  def _sample_canvas(self, noise, code, height: int, width: int):
+    """DDIM (eta 0, x0 clipped) from a Python loop; the patch UNet runs jitted."""
+    fn = self.denoiser(self.params, height, width, host=True)
     return gaussian.ddim_sample(
         lambda x, t: fn(x, t, code),
         self.schedule,
@@ -247,6 +279,7 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
         num_steps=self.num_steps,
         eta=0.0,
         clip_x0=1.0,
+        loop="python",
     )
 
   def iter_sample(self, conditions, num: int, seed: int, sizes):
@@ -260,7 +293,7 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
     for w, h in sizes:
       out = []
       for count, keys in self.key_batches(n_total, seed, self.batch_size):
-        x = self._sample(self.params, self.noise(keys, h, w), self.codes(keys), h, w)
+        x = self._sample_canvas(self.noise(keys, h, w), self.codes(keys), h, w)
         img = (np.asarray(jax.device_get(x), np.float32) + 1.0) / 2.0
         out.append(np.clip(img, 0.0, 1.0)[:count])
       yield (w, h), np.concatenate(out)
