@@ -47,7 +47,11 @@ def define_flags() -> None:
   flags.DEFINE_string("clip", None, "Local CLIP checkpoint directory (for --layout).")
   flags.DEFINE_float("scale", 1.0, "Guidance step size zeta; 0 samples without guidance.")
   flags.DEFINE_enum(
-      "step_rule", "dps", ["dps", "plain"], "dps: normalised DPS step; plain: scale*grad."
+      "step_rule",
+      "dps",
+      ["dps", "plain", "replace"],
+      "dps: normalised DPS step; plain: scale*grad; replace: known crop pixels, noised, "
+      "replace the canvas state's at every step (pixel-state priors: Patch-DM).",
   )
   flags.DEFINE_integer(
       "steps", None, "DDIM steps (default: the run's sample.num_steps; INFD: 200)."
@@ -221,6 +225,11 @@ def run(
   steps = int(steps or getattr(gen, "num_steps", 200))
   eta = float(getattr(gen, "eta", 1.0) if eta is None else eta)
   prior = gen.guidance_view(h, w)  # the prior of this canvas (∞-Diff: its pixel grid)
+  if step_rule == "replace" and not getattr(prior, "pixel_state", False):
+    raise ValueError(
+        f"--step_rule=replace needs a prior whose state is the canvas pixels (Patch-DM); "
+        f"{type(gen).__name__}'s is not"
+    )
   sample = dps.make_sampler(
       prior, num_steps=steps, eta=eta, step_rule=step_rule, clip_x0=prior.clip_x0
   )

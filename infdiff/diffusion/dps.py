@@ -25,6 +25,11 @@ gradient of the measurement error of x0_hat(x_t) with respect to x_t). Two step 
   differentiates the norm itself, with scale as its step size). Scores that are not
   norms (ClipText's 1 - cos) enter as they are.
 - 'plain': term_k = cost_k for every condition; the step is scale * grad cost.
+- 'replace': no gradient; after every step the pixels of each Crop are replaced by the
+  known pixels noised to the new level, sqrt(abar_s) y + sqrt(1 - abar_s) z (the
+  outpainting and inpainting of Patch-DM's §5.4; the last step writes y itself). Only
+  for priors whose state is the canvas in [-1, 1] (`pixel_state`), Crop conditions only;
+  scale 0 switches it off (the unguided reference).
 
 The step size is task-dependent, as DPS's zeta' is (tuned per task in the paper); the
 weights w_k balance several conditions under one scale. Neither INFD nor DPS gives
@@ -61,7 +66,7 @@ from infdiff import fields
 from infdiff.diffusion import gaussian
 
 RenderFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
-STEP_RULES = ("dps", "plain")
+STEP_RULES = ("dps", "plain", "replace")
 # Added under the square root of the 'dps' rule so that a zero residual has a finite
 # gradient (d sqrt(u) / du is infinite at 0).
 _NORM_EPS = 1e-12
@@ -487,11 +492,30 @@ def dps_sample(
     return guidance_objective(costs, conditions, step_rule), (x0, eps, costs)
 
   grad_fn = jax.grad(objective, has_aux=True)
+  replace = step_rule == "replace"
+  if replace and not all(isinstance(c, Crop) for c in conditions):
+    raise ValueError("step_rule 'replace' takes --crop conditions only")
+  replace_key = jax.random.PRNGKey(0) if rng is None else jax.random.fold_in(rng, 1 << 20)
+
+  def replace_known(x, i, s):
+    a_s, om_s = abar(schedule, s)
+    on = (jnp.asarray(scale, jnp.float32) != 0).astype(jnp.float32)
+    for k, c in enumerate(conditions):
+      t0, l0, h, w = (int(v) for v in c.box[:4])
+      z = jax.random.normal(jax.random.fold_in(replace_key, i * 1000 + k), (batch, h, w, 3))
+      y = jnp.sqrt(a_s) * (2.0 * c.pixels - 1.0) + jnp.sqrt(om_s) * z
+      old = x[:, t0 : t0 + h, l0 : l0 + w]
+      x = x.at[:, t0 : t0 + h, l0 : l0 + w].set(old + on * (y - old))
+    return x
 
   def step(i, carry):
     x, trace = carry
     t, s = levels[i], levels[i + 1]
-    g, (x0, eps, costs) = grad_fn(x, t)
+    if replace:
+      x0, eps, costs = objective(x, t)[1]
+      g = jnp.zeros_like(x)
+    else:
+      g, (x0, eps, costs) = grad_fn(x, t)
     _, om_t = abar(schedule, t)
     a_s, om_s = abar(schedule, s)
     if deterministic:
@@ -501,7 +525,7 @@ def dps_sample(
       dir_scale = jnp.sqrt(jnp.maximum(om_s - sigma**2, 0.0))
       z = gaussian._step_noise(rng, i, x, None)  # noqa: SLF001
       x_new = jnp.sqrt(a_s) * x0 + dir_scale * eps + sigma * z
-    x_new = x_new - jnp.asarray(scale, jnp.float32) * g
+    x_new = replace_known(x_new, i, s) if replace else x_new - jnp.asarray(scale, jnp.float32) * g
     return x_new, trace.at[i].set(costs)
 
   trace = jnp.zeros((num_steps, len(conditions), batch), jnp.float32)

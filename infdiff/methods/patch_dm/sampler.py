@@ -51,6 +51,9 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
 
   conditional = False
   parameterization = "eps"
+  eta = 0.0  # DDIM, deterministic
+  clip_x0 = 1.0  # x0_hat clipped to [-1, 1] at every step
+  pixel_state = True  # the diffusion state is the canvas (guide's --step_rule=replace)
 
   def __init__(
       self,
