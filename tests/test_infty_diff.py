@@ -252,6 +252,18 @@ def test_unconditional_model_samples_from_the_main_stage(tmp_path):
   run_main(w, *steps(2), "--config.infty_diff.z_dim=0", "--config.stages=('infty_diff',)")
   assert (w / "samples" / "grid_32x32.png").exists()
   assert not (w / "infty_diff" / "latent_stats.json").exists()
+  # The subset-vs-full-grid check runs on it and prints its three errors per timestep.
+  script = os.path.join(ROOT, "scripts", "infty_density_check.py")
+  proc = subprocess.run(
+      [sys.executable, script, f"--workdir={w}", "--num=2", "--seeds=1", "--timesteps=500"],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(row) == {"t", "subset", "full_raw", "full"}
 
 
 PAPER_TINY = [
