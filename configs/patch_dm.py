@@ -63,7 +63,7 @@ def main_config(p) -> ml_collections.ConfigDict:
   # (positions='extend').
   c.cfg = ml_collections.ConfigDict(dict(enabled=True, drop_code=0.1, drop_pos=0.5))
   c.diffusion = ml_collections.ConfigDict(
-      dict(num_steps=1000, beta_start=1e-4, beta_end=0.02)  # linear betas, eps
+      dict(num_steps=1000, beta_start=1e-4, beta_end=0.02, parameterization="eps")
   )
   c.optim = config_lib.optim_config(
       lr=1e-3 if demo else 1e-4,
@@ -90,7 +90,11 @@ def codes_config(p) -> ml_collections.ConfigDict:
   demo = p.demo
   c = ml_collections.ConfigDict()
   c.dtype = "float32"
-  c.batch_size = 64 if demo else 256  # codes per step (rows of the table)
+  # Codes per step: rows of the table (code.source='table'), else the encoder's codes of
+  # `batch_size` loaded images. The loader runs either way (the table needs no images,
+  # so the demo keeps its image batch small: rendering 64 scenes a step would dominate).
+  c.codes_per_step = 64 if demo else 256  # paper (DiffAE latent): 256
+  c.batch_size = 8 if demo else 256
   c.stage1_workdir = ""  # finished patch_dm run; '' = the sibling workdir/patch_dm
   c.mlp = ml_collections.ConfigDict(
       dict(num_layers=10, width=256 if demo else 2048, time_dim=64)  # paper: 10 x 2048

@@ -6,7 +6,9 @@ Renders held-out image `index` at canvas x canvas and writes, under D:
   lowres.png   the whole image area-downsampled by `--factor` (super-resolution condition)
   crop.png     its pixels in the box (top, left, side, side) (known high-resolution crop)
   left.png     its left half (inpainting: the right half is unknown)
-  truth.png    the full canvas, for reference
+  ring_*.png   the four bands around a centred hole of side `--hole` (inpainting of a
+               masked block: `ring` repeats --crop for each band)
+  truth.png    the full canvas, for reference (also the known centre of an outpainting)
 and prints the guide flags for each condition: --lowres, --crop and --colours (the mean
 colour of each quadrant of the canvas).
 """
@@ -28,6 +30,7 @@ flags.DEFINE_integer("canvas", 128, "Canvas side in pixels.")
 flags.DEFINE_integer("factor", 8, "Downsampling factor of lowres.png.")
 flags.DEFINE_integer("crop", 32, "Side of the known crop.")
 flags.DEFINE_integer("index", 0, "Held-out image index.")
+flags.DEFINE_integer("hole", 0, "Side of the centred unknown block for ring_*.png (0: half).")
 flags.DEFINE_string("out", None, "Output directory.")
 flags.mark_flags_as_required(["workdir", "out"])
 
@@ -45,6 +48,18 @@ def main(argv):
   crop = img[top : top + FLAGS.crop, left : left + FLAGS.crop]
   sampling.save_png(os.path.join(FLAGS.out, "crop.png"), crop)
   sampling.save_png(os.path.join(FLAGS.out, "left.png"), img[:, : s // 2])
+  hole = FLAGS.hole or s // 2
+  h0 = (s - hole) // 2
+  ring = []
+  for name, (t, le, h, w) in (
+      ("top", (0, 0, h0, s)),
+      ("bottom", (h0 + hole, 0, s - h0 - hole, s)),
+      ("left", (h0, 0, hole, h0)),
+      ("right", (h0, h0 + hole, hole, s - h0 - hole)),
+  ):
+    path = os.path.join(FLAGS.out, f"ring_{name}.png")
+    sampling.save_png(path, img[t : t + h, le : le + w])
+    ring.append(f"--crop={t},{le},{path}")
   half = s // 2
   boxes = []
   for t in (0, half):
@@ -58,6 +73,7 @@ def main(argv):
               "lowres": f"--lowres={os.path.join(FLAGS.out, 'lowres.png')}",
               "crop": f"--crop={top},{left},{os.path.join(FLAGS.out, 'crop.png')}",
               "half": f"--crop=0,0,{os.path.join(FLAGS.out, 'left.png')}",
+              "ring": " ".join(ring),
               "colours": f"--colours={';'.join(boxes)}",
               "canvas": f"--canvas={s}x{s}",
           }

@@ -33,7 +33,8 @@ TINY = [
     "--config.patch_dm.sample.patch_batch=4",
     "--config.patch_dm.sample.sizes=((16,16),(32,16))",
     "--config.patch_dm.sample.num=2",
-    "--config.patch_dm_codes.batch_size=4",
+    "--config.patch_dm_codes.batch_size=2",
+    "--config.patch_dm_codes.codes_per_step=4",
     "--config.patch_dm_codes.mlp.width=16",
     "--config.patch_dm_codes.mlp.num_layers=3",
     "--config.patch_dm_codes.sample.num_steps=3",
@@ -268,3 +269,32 @@ def test_outpainting_by_replacement_keeps_the_known_pixels(run_dir, tmp_path):
   np.testing.assert_allclose(got[8:24, 8:24], known, atol=1.5 / 255)
   with pytest.raises(ValueError, match="crop"):
     guide.run(str(run_dir), "32x32", colours="0,0,8,8,#ff0000", step_rule="replace")
+
+
+def test_guide_inputs_ring_bands_tile_the_canvas_around_the_hole(run_dir, tmp_path):
+  script = os.path.join(ROOT, "scripts", "guide_inputs.py")
+  proc = subprocess.run(
+      [
+          sys.executable,
+          script,
+          f"--workdir={run_dir}",
+          "--canvas=16",
+          "--hole=8",
+          f"--out={tmp_path}",
+      ],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  flags = json.loads(proc.stdout.strip().splitlines()[-1])["ring"].split()
+  assert len(flags) == 4
+  from PIL import Image
+
+  covered = np.zeros((16, 16), int)
+  for f in flags:
+    t, le, path = f.split("=", 1)[1].split(",", 2)
+    w, h = Image.open(path).size
+    covered[int(t) : int(t) + h, int(le) : int(le) + w] += 1
+  assert covered[4:12, 4:12].sum() == 0 and (covered + np.pad(np.ones((8, 8)), 4) == 1).all()

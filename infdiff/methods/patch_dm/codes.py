@@ -83,7 +83,7 @@ class Method(base.Method):
     p = aux["main"]["model"]
     if self.main.encoder is None:
       table = p["codes"]
-      n = int(self.cfg.batch_size)
+      n = int(self.cfg.codes_per_step)
       codes = jnp.take(table, jax.random.randint(rng, (n,), 0, table.shape[0]), axis=0)
     else:
       codes = self.main.codes_for(p, batch)

@@ -109,6 +109,12 @@ class Method(base.Method):
     self.schedule = gaussian.make_schedule(
         "linear", int(d.num_steps), beta_start=float(d.beta_start), beta_end=float(d.beta_end)
     )
+    self.parameterization = str(d.get("parameterization", "eps"))
+    if self.parameterization not in gaussian.PARAMETERIZATIONS:
+      raise ValueError(
+          f"patch_dm.diffusion.parameterization must be one of {gaussian.PARAMETERIZATIONS}, "
+          f"got {self.parameterization!r}"
+      )
     self.unet = build_unet(c)
     self.encoder = build_encoder(c) if c.code.source == "encoder" else None
     self.code_dim = int(c.code.dim)
@@ -203,8 +209,10 @@ class Method(base.Method):
           a, (0, bi * ps, bj * ps, 0), (a.shape[0], 2 * ps, 2 * ps, a.shape[3])
       )
 
+    # The target of every padded pixel (eps, or v / x0 for those parameterisations).
+    target = gaussian.model_target(self.schedule, x0p, eps, t, self.parameterization)
     xb = collage.split(block(x_t), ps).reshape(4 * b, ps, ps, 3)  # [4B, p, p, 3]
-    eb = collage.split(block(eps), ps).reshape(4 * b, ps, ps, 3)
+    eb = collage.split(block(target), ps).reshape(4 * b, ps, ps, 3)
     mb = collage.split(block(jnp.broadcast_to(mask, (b, *mask.shape[1:]))), ps).reshape(
         4 * b, ps, ps, 1
     )
@@ -243,7 +251,7 @@ class Method(base.Method):
     )
     half = ps // 2
     target_shift = jax.lax.dynamic_slice(
-        eps, (0, bi * ps + half, bj * ps + half, 0), (b, ps, ps, 3)
+        target, (0, bi * ps + half, bj * ps + half, 0), (b, ps, ps, 3)
     )
     l_shift = gaussian.regression_loss(out_shift, target_shift, "mse")
     l_orig = gaussian.regression_loss(out_orig, eb, "mse", mb)

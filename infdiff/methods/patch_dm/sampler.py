@@ -7,8 +7,9 @@ of the patch p) is assembled from patches (`collage`):
                         in batches, collage neighbouring features at every level, decode
                         the H/p x W/p image patches at their positions;
   'none'                every image patch encoded and decoded alone (paper Fig. 2a);
-  'shift'               'none' on the image grid at even steps and on the half-patch
-                        shifted grid at odd steps (pixel-space collage, paper Fig. 2b).
+  'shift'               'none', alternating between the image grid and the half-patch
+                        shifted grid from step to step, the last step on the image grid
+                        (pixel-space collage, paper Fig. 2b).
 
 Positions (patch centres in units of the training frame's patches):
   'stretch'  the canvas covers the training frame: a 2x canvas inserts patches at
@@ -50,7 +51,6 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
   """Unconditional Patch-DM generator and a `GuidablePrior` over canvas pixels."""
 
   conditional = False
-  parameterization = "eps"
   eta = 0.0  # DDIM, deterministic
   clip_x0 = 1.0  # x0_hat clipped to [-1, 1] at every step
   pixel_state = True  # the diffusion state is the canvas (guide's --step_rule=replace)
@@ -83,6 +83,7 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
     self.guidance_scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
     self.max_size = int(s.max_size)
     self.schedule = method.schedule
+    self.parameterization = method.parameterization
     if self.collage not in COLLAGE_MODES:
       raise ValueError(f"collage must be one of {COLLAGE_MODES}, got {self.collage!r}")
     if self.positions not in POSITION_MODES:
@@ -235,10 +236,13 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
         return feature_collage(x, t, code, use_pos)
       if self.collage == "none":
         return per_patch(x, t, code, False, use_pos)
+      # Shifted at every other step, counted from the last, which is on the image grid
+      # (so the final image's patch boundaries are those `--metric=seams` measures).
+      last = len(steps) - 1
       if host:  # the step index is known on the host
-        odd = int(np.argmax(steps == int(t[0]))) % 2 == 1
+        odd = (last - int(np.argmax(steps == int(t[0])))) % 2 == 1
         return per_patch(x, t, code, odd, use_pos)
-      odd = jnp.argmax(jnp.asarray(steps) == t[0]) % 2 == 1
+      odd = (last - jnp.argmax(jnp.asarray(steps) == t[0])) % 2 == 1
       return jax.lax.cond(
           odd,
           lambda a, b, c: per_patch(a, b, c, True, use_pos),
@@ -281,6 +285,7 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
         noise,
         num_steps=self.num_steps,
         eta=0.0,
+        parameterization=self.parameterization,
         clip_x0=1.0,
         loop="python",
     )
