@@ -1,7 +1,7 @@
 """∞-Diff subsampling: train-step time and memory against the rate N^2 / points.
 
 Builds the ∞-Diff main stage (`configs/infty_diff.py:demo` widths: nf 32, 2 sparse
-blocks, kernel 5, grid channels 32, UNet ch 32 x (1, 2, 4), 1 res block, z_dim 64 with
+blocks, kernel 7, grid channels 32, UNet ch 32 x (1, 2, 4), 1 res block, z_dim 64 with
 the encoder) at data resolution 128 with a 32^2 inner grid (attention at sides 16 and 8,
 the demo's two coarse levels; paper Tables 4/5's smallest column), and for every rate
 (default 1, 2, 4, 8, 16) the real jitted, donated train step

@@ -298,3 +298,21 @@ def test_guide_inputs_ring_bands_tile_the_canvas_around_the_hole(run_dir, tmp_pa
     w, h = Image.open(path).size
     covered[int(t) : int(t) + h, int(le) : int(le) + w] += 1
   assert covered[4:12, 4:12].sum() == 0 and (covered + np.pad(np.ones((8, 8)), 4) == 1).all()
+
+
+def test_clip_init_fills_the_code_table_from_image_embeddings(tmp_path):
+  """clip_init=DIR: the table starts as CLIP embeddings of the training images (tiny
+  random-weight CLIP written here); a width mismatch is one line."""
+  from infdiff import runs
+  from infdiff.pretrained import testing
+
+  clip_dir = testing.write_tiny_clip(tmp_path / "clip")
+  w = tmp_path / "w"
+  only = ["--config.stages=('patch_dm',)", f"--config.patch_dm.code.clip_init={clip_dir}"]
+  run_main(w, *steps(1), *only, "--config.patch_dm.code.dim=24")
+  table = np.asarray(runs.load_run(str(w), "patch_dm").params["model"]["codes"])
+  assert table.shape == (8, 24) and np.abs(table).mean() > 0.1  # not the 0.02 random init
+  proc = run_main(tmp_path / "w2", *steps(1), *only, check=False)
+  assert proc.returncode != 0
+  err = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error")]
+  assert len(err) == 1 and "24-d" in err[0] and "code.dim=8" in err[0], proc.stderr[-2000:]

@@ -121,6 +121,18 @@ class Method(base.Method):
     self.num_codes = int(c.code.num) or (
         num_training_images(config) if c.code.source == "table" else 0
     )
+    # CLIP embeddings of the training images, computed on the host before the (traced)
+    # init; only when training a table from scratch asks for them.
+    self._clip_codes = None
+    if training and c.code.source == "table" and c.code.clip_init:
+      from infdiff.methods.patch_dm import clip_codes
+
+      self._clip_codes = clip_codes.embed_training_images(config, c.code.clip_init, self.code_dim)
+      if len(self._clip_codes) != self.num_codes:
+        raise ValueError(
+            f"patch_dm.code.num={self.num_codes} but the training source has "
+            f"{len(self._clip_codes)} images to embed"
+        )
 
   def data_transform(self, split):
     del split
@@ -161,10 +173,8 @@ class Method(base.Method):
     """[N, K]: CLIP image embeddings of the training images (`code.clip_init`), or small
     random vectors."""
     c = self.cfg.code
-    if c.clip_init:
-      from infdiff.methods.patch_dm import clip_codes
-
-      return jnp.asarray(clip_codes.embed_training_images(self.config, c.clip_init, self.code_dim))
+    if self._clip_codes is not None:
+      return jnp.asarray(self._clip_codes)
     return jax.random.normal(rng, (self.num_codes, self.code_dim), jnp.float32) * float(c.init_std)
 
   # --- conditioning -----------------------------------------------------------------
