@@ -137,25 +137,37 @@ def test_host_and_traced_denoisers_agree(run_dir):
     np.testing.assert_allclose(host, traced, atol=1e-5)
 
 
-def test_masked_loss_ignores_the_padding(run_dir):
-  """Changing the padded noise target outside the image does not change the loss: the
-  padding is zeros in x_0 and masked in the originals' MSE."""
+def test_masked_loss_ignores_the_padding(run_dir, monkeypatch):
+  """The originals' MSE is weighted by the padded-image mask (zero on the half-patch
+  padding, which every 2 x 2 block of a 3 x 3 padded grid touches); the shifted patch,
+  always inside the image, is unmasked."""
   from infdiff import runs
+  from infdiff.diffusion import gaussian
 
   run = runs.load_run(str(run_dir), "patch_dm")
   m = run.method
+  calls = []
+  real = gaussian.regression_loss
+
+  def spy(pred, target, kind="mse", mask=None, per_example=False):
+    calls.append((pred.shape, None if mask is None else np.asarray(mask)))
+    return real(pred, target, kind, mask, per_example)
+
+  monkeypatch.setattr(gaussian, "regression_loss", spy)
   img = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 3)), jnp.float32)
   batch = {"image": img, "index": jnp.asarray([0, 1], jnp.int32)}
-  rng = jax.random.PRNGKey(3)
-  loss, metrics = m.loss("model", run.params, {}, batch, rng, 0)
-  assert np.isfinite(float(loss)) and set(metrics) == {"mse_shift", "mse_orig"}
-  # A different image changes the loss; the loss is deterministic for a fixed rng.
-  again, _ = m.loss("model", run.params, {}, batch, rng, 0)
-  assert float(again) == float(loss)
-  from infdiff.methods.patch_dm import collage
-
-  mask = collage.padded_mask(16, 16, 8)
-  assert mask.shape == (24, 24) and mask[:4].sum() == 0 and mask[4:20, 4:20].all()
+  for seed in range(4):  # different blocks
+    loss, metrics = m.loss("model", run.params, {}, batch, jax.random.PRNGKey(seed), 0)
+    assert np.isfinite(float(loss)) and set(metrics) == {"mse_shift", "mse_orig"}
+  shifted = [c for c in calls if c[0] == (2, 8, 8, 3)]
+  originals = [c for c in calls if c[0] == (8, 8, 8, 3)]
+  assert len(shifted) == len(originals) == 4
+  assert all(mask is None for _, mask in shifted)
+  for _, mask in originals:
+    assert mask.shape == (8, 8, 8, 1) and set(np.unique(mask)) == {0.0, 1.0}
+    # A 16 x 16 image padded by 4 is 24 x 24 (3 x 3 patches of 8): every 2 x 2 block's
+    # 16 x 16 window holds 12 x 12 image pixels, per image.
+    assert mask.reshape(2, -1).sum(1).tolist() == [144.0, 144.0]
 
 
 def test_evaluate_seams_compares_three_samplers(run_dir):
