@@ -317,7 +317,7 @@ def test_registry_and_tokenize(plain):
   )
   batch = next(loader)
   assert batch["text_ids"].shape == (4, 6) and batch["text_ids"].dtype == np.int32
-  assert set(batch) == {"image", "text_ids", "text_mask"}  # strings dropped
+  assert set(batch) == {"image", "text_ids", "text_mask", "index"}  # strings dropped
 
 
 # --------------------------------------------------------------------------------- loader
@@ -399,7 +399,7 @@ def test_config_driven_loader_on_photos():
   loader = pipeline.make_loader(cfg, t, global_batch_size=2, seed=0)
   batch = next(loader)
   assert batch["image"].shape == (2, 16, 16, 3) and batch["target"].shape == (2, 8, 8, 3)
-  assert set(batch) == {"image", "target", "coord", "cell", "scale"}
+  assert set(batch) == {"image", "target", "coord", "cell", "scale", "index"}
 
 
 def test_whole_grid_targets_stack_per_batch(plain):
@@ -444,3 +444,16 @@ def test_symlink_cycle_and_plain_dict_config(tmp_path):
   cfg = {"source": f"folder:{tmp_path}", "split": "all", "num_threads": 1}
   loader = pipeline.make_loader(cfg, "random_resized_square", global_batch_size=2, seed=0)
   assert next(loader)["image"].shape == (2, 64, 64, 3)
+
+
+def test_batches_carry_the_source_index_of_every_example():
+  """batch['index'] is the source record each example came from (Patch-DM's per-image
+  codes look it up): it names the same record as the example's id."""
+  cfg = _cfg("shapes", shapes_size=16)
+  cfg.source_kwargs.num_scenes = 12
+  cfg.split = "train"
+  loader = pipeline.make_loader(cfg, _small_square, global_batch_size=4, seed=0)
+  for _ in range(3):
+    batch = next(loader)
+    assert batch["index"].dtype == np.int32 and batch["index"].shape == (4,)
+    assert [f"shapes/train/{i}" for i in batch["index"]] == list(batch["id"])
