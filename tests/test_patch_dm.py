@@ -328,3 +328,43 @@ def test_clip_init_fills_the_code_table_from_image_embeddings(tmp_path):
   assert proc.returncode != 0
   err = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error")]
   assert len(err) == 1 and "24-d" in err[0] and "code.dim=8" in err[0], proc.stderr[-2000:]
+
+
+PAPER_TINY = [
+    "--config.data.source=shapes",
+    "--config.data.shapes_size=32",
+    "--config.data.num_threads=1",
+    "--config.patch_dm.image_height=32",
+    "--config.patch_dm.image_width=32",
+    "--config.patch_dm.patch=16",
+    "--config.patch_dm.batch_size=2",
+    "--config.patch_dm.pos_dim=8",
+    "--config.patch_dm.code.dim=8",
+    "--config.patch_dm.unet.ch=8",
+    "--config.patch_dm.unet.norm_groups=4",
+    "--config.patch_dm.unet.attention_resolutions=(2,)",
+    "--config.patch_dm.sample.num_steps=2",
+    "--config.patch_dm.sample.sizes=((32,32),)",
+    "--config.patch_dm.sample.num=1",
+    "--config.patch_dm_codes.batch_size=2",
+    "--config.patch_dm_codes.codes_per_step=4",
+    "--config.patch_dm_codes.mlp.width=16",
+    "--config.patch_dm_codes.sample.num_steps=2",
+    "--config.total_steps=1",
+]
+
+
+def test_paper_configuration_runs_one_step_of_each_stage(tmp_path):
+  """configs/patch_dm.py at paper scale (4 UNet levels, 2 ResBlocks, dropout, eps), widths
+  and sizes shrunk; then :codes on it."""
+  w = tmp_path / "main"
+  cmd = main_cmd(w, config="configs/patch_dm.py") + PAPER_TINY
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (w / "patch_dm" / "checkpoints" / "1").is_dir()
+  w2 = tmp_path / "codes"
+  cmd = main_cmd(w2, config="configs/patch_dm.py:codes") + PAPER_TINY
+  cmd += [f"--config.patch_dm_codes.stage1_workdir={w}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (w2 / "samples" / "grid_32x32.png").exists()
