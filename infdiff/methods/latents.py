@@ -68,3 +68,24 @@ def latent_statistics(method, ctx) -> dict:
   mean = s1 / total
   std = np.sqrt(np.maximum(s2 / total - mean**2, 1e-12))
   return {"mean": mean.tolist(), "std": std.tolist(), "count": int(total)}
+
+
+def mlp_ddim_sampler(mlp, schedule, params, dim: int, mean, std, num_steps: int):
+  """`keys [B] -> vectors [B, dim]`: DDIM (eta 0) on a latent MLP (∞-Diff's z, Patch-DM's
+  codes), one standard-normal start per key, de-normalised by (mean, std)."""
+  mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+  @jax.jit
+  def run(p, noise):
+    from infdiff.diffusion import gaussian
+
+    zn = gaussian.ddim_sample(
+        lambda x, t: mlp.apply({"params": p}, x, t), schedule, noise, num_steps=num_steps
+    )
+    return zn * std + mean
+
+  def sample(keys):
+    noise = jnp.stack([jax.random.normal(k, (dim,)) for k in keys])
+    return run(params, noise)
+
+  return sample

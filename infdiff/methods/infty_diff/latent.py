@@ -20,7 +20,7 @@ from absl import logging
 
 from infdiff import runs
 from infdiff.diffusion import gaussian
-from infdiff.methods import base
+from infdiff.methods import base, latents
 from infdiff.models.mlp import MLPSkipNet
 
 MAIN_STAGE = "infty_diff"
@@ -105,21 +105,15 @@ class Method(base.Method):
   # --- sampling ---------------------------------------------------------------------
   def z_sampler(self, params, num_steps: int):
     """`keys [B] -> z [B, z_dim]` (de-normalised) by DDIM with eta 0 on the latent model."""
-    mlp, schedule, dim = self.mlp, self.schedule, self.main.z_dim
-    mean, std = jnp.asarray(self.z_mean), jnp.asarray(self.z_std)
-
-    @jax.jit
-    def run(p, noise):
-      zn = gaussian.ddim_sample(
-          lambda x, t: mlp.apply({"params": p}, x, t), schedule, noise, num_steps=num_steps
-      )
-      return zn * std + mean
-
-    def sample(keys):
-      noise = jnp.stack([jax.random.normal(k, (dim,)) for k in keys])
-      return run(params["model"], noise)
-
-    return sample
+    return latents.mlp_ddim_sampler(
+        self.mlp,
+        self.schedule,
+        params["model"],
+        self.main.z_dim,
+        self.z_mean,
+        self.z_std,
+        num_steps,
+    )
 
   def make_inference(self, params, aux, **options):
     """The main model's `MollifiedDDIM` with z drawn by this stage (options: num_steps,

@@ -23,7 +23,7 @@ from absl import logging
 
 from infdiff import runs
 from infdiff.diffusion import gaussian
-from infdiff.methods import base
+from infdiff.methods import base, latents
 from infdiff.models.mlp import MLPSkipNet
 
 MAIN_STAGE = "patch_dm"
@@ -106,21 +106,9 @@ class Method(base.Method):
   # --- sampling ---------------------------------------------------------------------
   def code_sampler(self, params, num_steps: int):
     """`keys [B] -> codes [B, K]` (de-normalised) by DDIM with eta 0 on the code model."""
-    mlp, schedule, dim = self.mlp, self.schedule, self.dim
-    mean, std = jnp.asarray(self.code_mean), jnp.asarray(self.code_std)
-
-    @jax.jit
-    def run(p, noise):
-      zn = gaussian.ddim_sample(
-          lambda x, t: mlp.apply({"params": p}, x, t), schedule, noise, num_steps=num_steps
-      )
-      return zn * std + mean
-
-    def sample(keys):
-      noise = jnp.stack([jax.random.normal(k, (dim,)) for k in keys])
-      return run(params["model"], noise)
-
-    return sample
+    return latents.mlp_ddim_sampler(
+        self.mlp, self.schedule, params["model"], self.dim, self.code_mean, self.code_std, num_steps
+    )
 
   def make_inference(self, params, aux, **options):
     """The main model's `PatchDDIM` with codes drawn by this stage (options: the main

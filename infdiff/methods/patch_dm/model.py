@@ -38,27 +38,15 @@ from infdiff.models import layers
 from infdiff.models.unet import UNet
 
 
-def build_unet(cfg) -> UNet:
+def build_unet(cfg, encoder: bool = False) -> UNet:
+  """The patch UNet, or (`encoder`) the semantic encoder of `code.source='encoder'`: the
+  same architecture unconditioned, of which only the down path is used."""
   u = cfg.unet
-  return UNet(
-      image_size=int(cfg.patch),
-      ch=u.ch,
-      channel_mult=tuple(u.channel_mult),
-      num_res_blocks=u.num_res_blocks,
-      attention_resolutions=tuple(u.attention_resolutions),
-      num_heads=u.num_heads,
-      resblock_updown=u.resblock_updown,
-      norm_groups=u.norm_groups,
-      dropout=u.dropout,
-      cond_dim=int(cfg.pos_dim),
-      code_dim=int(cfg.code.dim),
-      dtype=jnp.dtype(cfg.dtype),
+  cond = (
+      {}
+      if encoder
+      else dict(dropout=u.dropout, cond_dim=int(cfg.pos_dim), code_dim=int(cfg.code.dim))
   )
-
-
-def build_encoder(cfg) -> UNet:
-  """The semantic encoder (`code.source='encoder'`): the UNet's down path, unconditioned."""
-  u = cfg.unet
   return UNet(
       image_size=int(cfg.patch),
       ch=u.ch,
@@ -69,7 +57,8 @@ def build_encoder(cfg) -> UNet:
       resblock_updown=u.resblock_updown,
       norm_groups=u.norm_groups,
       dtype=jnp.dtype(cfg.dtype),
-      name="encoder",
+      name="encoder" if encoder else None,
+      **cond,
   )
 
 
@@ -116,7 +105,7 @@ class Method(base.Method):
           f"got {self.parameterization!r}"
       )
     self.unet = build_unet(c)
-    self.encoder = build_encoder(c) if c.code.source == "encoder" else None
+    self.encoder = build_unet(c, encoder=True) if c.code.source == "encoder" else None
     self.code_dim = int(c.code.dim)
     self.num_codes = int(c.code.num) or (
         num_training_images(config) if c.code.source == "table" else 0
