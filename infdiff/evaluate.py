@@ -27,29 +27,35 @@ from absl import app, flags
 from infdiff import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "workdir", None, "Run directory (one subdirectory per stage) or a stage directory."
-)
-flags.DEFINE_string("metric", None, "Metric to compute; see the module docstring.")
-flags.DEFINE_multi_string("size", [], "Output size WxH; repeat for several (metric default).")
-flags.DEFINE_string("data", None, "Data source string (default: the run's config.data.source).")
-flags.DEFINE_integer("num", None, "Images (shapes_eval: prompts per category); metric default.")
-flags.DEFINE_integer("seed", 0, "Seed of crops, sampling noise and random projections.")
-flags.DEFINE_string("inception", None, "FID Inception checkpoint directory (fid, pfid).")
-flags.DEFINE_string("clip", None, "CLIP checkpoint directory (fid_clip).")
-flags.DEFINE_string("lpips", None, "VGG16-LPIPS checkpoint directory (optional for recon).")
-flags.DEFINE_integer("patch", 64, "pfid: crop side P.")
-flags.DEFINE_integer("crops_per_image", 4, "pfid: random crops per image.")
-flags.DEFINE_integer("tile", 128, "Render tile side (static shape; bounds render memory).")
-flags.DEFINE_integer(
-    "step", None, "Checkpoint step to read (default: the newest readable one, with a warning)."
-)
-flags.DEFINE_multi_string(
-    "sampler_option",
-    [],
-    "key=value sampler option of the run's generator (e.g. deblur=true for ∞-Diff); repeat.",
-)
-flags.mark_flags_as_required(["workdir", "metric"])
+
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when it runs as a program (as `infdiff.guide`'s): tests
+  and notebooks import this module next to other CLIs that define the same names."""
+  flags.DEFINE_string(
+      "workdir", None, "Run directory (one subdirectory per stage) or a stage directory."
+  )
+  flags.DEFINE_string("metric", None, "Metric to compute; see the module docstring.")
+  flags.DEFINE_multi_string("size", [], "Output size WxH; repeat for several (metric default).")
+  flags.DEFINE_string("data", None, "Data source string (default: the run's config.data.source).")
+  flags.DEFINE_integer("num", None, "Images (shapes_eval: prompts per category); metric default.")
+  flags.DEFINE_integer("seed", 0, "Seed of crops, sampling noise and random projections.")
+  flags.DEFINE_string("inception", None, "FID Inception checkpoint directory (fid, pfid).")
+  flags.DEFINE_string("clip", None, "CLIP checkpoint directory (fid_clip).")
+  flags.DEFINE_string("lpips", None, "VGG16-LPIPS checkpoint directory (optional for recon).")
+  flags.DEFINE_integer("patch", 64, "pfid: crop side P.")
+  flags.DEFINE_integer("crops_per_image", 4, "pfid: random crops per image.")
+  flags.DEFINE_integer("tile", 128, "Render tile side (static shape; bounds render memory).")
+  flags.DEFINE_integer(
+      "step", None, "Checkpoint step to read (default: the newest readable one, with a warning)."
+  )
+  flags.DEFINE_multi_string(
+      "sampler_option",
+      [],
+      "key=value sampler option of the run's generator (e.g. deblur=true for ∞-Diff); repeat.",
+  )
+  flags.mark_flags_as_required(["workdir", "metric"])
+
 
 MAX_SIDE = 16384  # largest side accepted by --size
 
@@ -146,5 +152,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags_one_line)
   sys.exit(0)

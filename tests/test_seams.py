@@ -7,6 +7,7 @@ import types
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 from absl.testing import flagsaver
 
 from infdiff import evaluate, runs
@@ -152,15 +153,23 @@ def fake_runs(monkeypatch):
 
 
 def _main(workdir, *sizes, options=(), **flag_values):
-  """`python -m infdiff.evaluate --metric=seams ...` in process (the fake needs that)."""
-  with flagsaver.flagsaver(
-      workdir=str(workdir),
-      metric="seams",
-      size=list(sizes),
-      sampler_option=list(options),
-      **flag_values,
-  ):
-    return evaluate.main(["evaluate"])
+  """`python -m infdiff.evaluate --metric=seams ...` in process (the fake needs that). The
+  CLI's flags are defined for the call and removed after it, so that other CLIs imported
+  later in this process can define the same names."""
+  before = set(flags.FLAGS)
+  evaluate.define_flags()
+  try:
+    with flagsaver.flagsaver(
+        workdir=str(workdir),
+        metric="seams",
+        size=list(sizes),
+        sampler_option=list(options),
+        **flag_values,
+    ):
+      return evaluate.main(["evaluate"])
+  finally:
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
 
 
 def _one_line_error(capsys, fn):

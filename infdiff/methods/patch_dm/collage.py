@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infdiff.models import layers
+
 
 def check_patch(height: int, width: int, patch: int, levels: int = 1) -> None:
   """One-line ValueError unless H, W are multiples of p and p / 2^(levels-1) is even."""
@@ -92,3 +94,13 @@ def padded_mask(height: int, width: int, patch: int) -> np.ndarray:
   m = np.zeros((height + patch, width + patch), np.float32)
   m[h : h + height, h : h + width] = 1.0
   return m
+
+
+def position_features(pos, dim: int):
+  """[..., 2] patch-centre positions (patch units) -> [..., dim] sin-cos features.
+
+  The sinusoids are of position x 16: with the largest period 10^4 they separate the
+  quarter-patch steps of a 64-patch-wide canvas well (choice; the paper says sinusoidal).
+  """
+  flat = pos.reshape(-1, 2)
+  return layers.position_embedding(flat * 16.0, dim).reshape(*pos.shape[:-1], dim)

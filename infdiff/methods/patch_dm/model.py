@@ -34,7 +34,6 @@ from infdiff.data import pipeline, transforms
 from infdiff.diffusion import gaussian
 from infdiff.methods import base
 from infdiff.methods.patch_dm import collage
-from infdiff.models import layers
 from infdiff.models.unet import UNet
 
 
@@ -60,16 +59,6 @@ def build_unet(cfg, encoder: bool = False) -> UNet:
       name="encoder" if encoder else None,
       **cond,
   )
-
-
-def position_features(pos, dim: int):
-  """[..., 2] patch-centre positions (patch units) -> [..., dim] sin-cos features.
-
-  The sinusoids are of position x 16: with the largest period 10^4 they separate the
-  quarter-patch steps of a 64-patch-wide canvas well (choice; the paper says sinusoidal).
-  """
-  flat = pos.reshape(-1, 2)
-  return layers.position_embedding(flat * 16.0, dim).reshape(*pos.shape[:-1], dim)
 
 
 def num_training_images(config) -> int:
@@ -182,7 +171,7 @@ class Method(base.Method):
 
   def embed(self, p, t, pos, code):
     """Conditioning of patches: t [N], pos [N, 2] (or None: no position), code [N, K]."""
-    feats = position_features(pos, int(self.cfg.pos_dim))
+    feats = collage.position_features(pos, int(self.cfg.pos_dim))
     return self.unet.apply({"params": p}, t, feats, code, method="embed")
 
   # --- training ---------------------------------------------------------------------
@@ -225,8 +214,10 @@ class Method(base.Method):
     if self.cfg.cfg.enabled:  # classifier-free guidance: drop code / position per image
       code = code * jax.random.bernoulli(k_cd, 1.0 - self.cfg.cfg.drop_code, (b, 1))
       pos_keep = jax.random.bernoulli(k_pd, 1.0 - self.cfg.cfg.drop_pos, (b, 1)).astype(jnp.float32)
-    feats_orig = position_features(pos_orig, int(self.cfg.pos_dim)) * jnp.repeat(pos_keep, 4, 0)
-    feats_shift = position_features(pos_shift, int(self.cfg.pos_dim)) * pos_keep
+    feats_orig = collage.position_features(pos_orig, int(self.cfg.pos_dim)) * jnp.repeat(
+        pos_keep, 4, 0
+    )
+    feats_shift = collage.position_features(pos_shift, int(self.cfg.pos_dim)) * pos_keep
     rep = lambda a: jnp.repeat(a, 4, axis=0)
     up = {"params": p["unet"]}
     rngs = {"dropout": k_drop}

@@ -41,7 +41,6 @@ from infdiff import fields
 from infdiff.diffusion import gaussian
 from infdiff.methods import base
 from infdiff.methods.patch_dm import collage
-from infdiff.methods.patch_dm.model import position_features
 
 COLLAGE_MODES = ("feature", "none", "shift")
 POSITION_MODES = ("stretch", "extend")
@@ -193,7 +192,7 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
     def inputs(b, t, code, grid_pos, use_pos):
       """Per-patch (t, position features, code) of a [n, m] patch grid, row-major."""
       pos, keep = self._positions(grid_pos, nh, nw)
-      feats = position_features(pos, pos_dim) * (keep if use_pos else 0.0)
+      feats = collage.position_features(pos, pos_dim) * (keep if use_pos else 0.0)
       n = grid_pos.shape[0] * grid_pos.shape[1]
       feats = jnp.broadcast_to(feats.reshape(1, n, pos_dim), (b, n, pos_dim))
       return jnp.repeat(t, n), feats.reshape(b * n, pos_dim), jnp.repeat(code, n, axis=0)
