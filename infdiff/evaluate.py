@@ -10,6 +10,7 @@ whose stages provide the contract a metric needs (infdiff.methods.base):
   scale_consistency  autoencoder render at k x box-filtered vs render at 1x (k = 2, 4)
   shapes_eval        GenEval-style accuracy of text-to-image samples on held-out prompts
   swd                multi-scale sliced Wasserstein distance, generated vs held-out
+  seams              patch-based generators: boundary gradient ratio and SWD per sampler
   fid / pfid         Frechet Inception distance of whole images / P x P crops (--inception)
   fid_clip           Frechet distance of CLIP image embeddings (--clip)
 --data takes the same strings as config.data.source ('shapes', 'photos', 'folder:/path',
