@@ -187,7 +187,7 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
     nh, nw = height // ps, width // ps
     up = {"params": params["model"]["unet"]}
     pos_dim = int(m.cfg.pos_dim)
-    pmap = lambda name, *xs: self._patch_map(name, up, host, *xs)
+    run_patches = lambda name, *xs: self._patch_map(name, up, host, *xs)
 
     def inputs(b, t, code, grid_pos, use_pos):
       """Per-patch (t, position features, code) of a [n, m] patch grid, row-major."""
@@ -202,7 +202,9 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
       b = x.shape[0]
       tiles = collage.split(collage.pad_half(x, ps) if shifted else x, ps)
       grid_pos = collage.padded_positions(nh, nw) if shifted else collage.image_positions(nh, nw)
-      out = pmap("whole", tiles.reshape(-1, ps, ps, 3), *inputs(b, t, code, grid_pos, use_pos))
+      out = run_patches(
+          "whole", tiles.reshape(-1, ps, ps, 3), *inputs(b, t, code, grid_pos, use_pos)
+      )
       out = collage.merge(out.reshape(tiles.shape))
       half = ps // 2
       return out[:, half : half + height, half : half + width] if shifted else out
@@ -210,7 +212,7 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
     def feature_collage(x, t, code, use_pos):
       b = x.shape[0]
       tiles = collage.split(collage.pad_half(x, ps), ps)  # [B, nh+1, nw+1, p, p, 3]
-      skips, h = pmap(
+      skips, h = run_patches(
           "encode",
           tiles.reshape(-1, ps, ps, 3),
           *inputs(b, t, code, collage.padded_positions(nh, nw), use_pos),
@@ -220,7 +222,7 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
         g = collage.collage(f.reshape(b, nh + 1, nw + 1, *f.shape[1:]))
         return g.reshape(-1, *f.shape[1:])
 
-      out = pmap(
+      out = run_patches(
           "decode",
           [coll(s) for s in skips],
           coll(h),
