@@ -18,8 +18,13 @@ from absl import app, flags, logging
 from infdiff import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory (one subdirectory per stage) or a stage.")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when it runs as a program: tests import this module next
+  to other CLIs (`infdiff.evaluate`) that define the same names."""
+  flags.DEFINE_string("workdir", None, "Run directory (one subdirectory per stage) or a stage.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def check(workdir: str) -> tuple[list[str], bool]:
@@ -66,5 +71,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags_one_line)
   sys.exit(0)

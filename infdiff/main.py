@@ -9,14 +9,22 @@ from ml_collections import config_flags
 from infdiff import cli, config_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with a preset: configs/rapd.py:demo", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when it runs as a program: tests and notebooks may import
+  this module next to other CLIs that define the same names."""
+  config_flags.DEFINE_config_file(
+      "config",
+      None,
+      "Config file, optionally with a preset: configs/rapd.py:demo",
+      lock_config=True,
+  )
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -42,4 +50,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags_one_line)

@@ -20,23 +20,28 @@ from absl import app, flags, logging
 from infdiff import cli, utils
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory with a generator stage (e.g. rapd_stage2).")
-flags.DEFINE_multi_string("prompt", [""], "Prompt; repeat for several. '' = unconditional.")
-flags.DEFINE_multi_string("size", ["256x256"], "Output size WxH; repeat for several.")
-flags.DEFINE_integer("num", 1, "Images per prompt.")
-flags.DEFINE_integer("seed", 0, "Noise seed; the same seed gives identical files.")
-flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples).")
-flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the run's config).")
-flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's config).")
-flags.DEFINE_integer(
-    "step", None, "Checkpoint step to read (default: the newest readable one, with a warning)."
-)
-flags.DEFINE_multi_string(
-    "sampler_option",
-    [],
-    "key=value sampler option of the run's generator (e.g. deblur=true for ∞-Diff); repeat.",
-)
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when it runs as a program: notebooks call `run` and
+  import this module next to other CLIs that define the same names."""
+  flags.DEFINE_string("workdir", None, "Run directory with a generator stage (e.g. rapd_stage2).")
+  flags.DEFINE_multi_string("prompt", [""], "Prompt; repeat for several. '' = unconditional.")
+  flags.DEFINE_multi_string("size", ["256x256"], "Output size WxH; repeat for several.")
+  flags.DEFINE_integer("num", 1, "Images per prompt.")
+  flags.DEFINE_integer("seed", 0, "Noise seed; the same seed gives identical files.")
+  flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples).")
+  flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the run's config).")
+  flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's config).")
+  flags.DEFINE_integer(
+      "step", None, "Checkpoint step to read (default: the newest readable one, with a warning)."
+  )
+  flags.DEFINE_multi_string(
+      "sampler_option",
+      [],
+      "key=value sampler option of the run's generator (e.g. deblur=true for ∞-Diff); repeat.",
+  )
+  flags.mark_flags_as_required(["workdir"])
 
 
 def run(
@@ -100,5 +105,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags_one_line)
   sys.exit(0)

@@ -7,6 +7,8 @@ hidden behind a function-level import is caught too.
 import ast
 import os
 import pkgutil
+import subprocess
+import sys
 
 import infdiff
 
@@ -94,3 +96,35 @@ def test_no_import_cycles():
 def test_the_rapd_stage_modules_import():
   import infdiff.methods.rapd.stage1
   import infdiff.methods.rapd.stage2  # noqa: F401
+
+
+_FLAG_CHECK = """
+import importlib, pkgutil
+from absl import flags
+import infdiff
+names = [m.name for m in pkgutil.walk_packages(infdiff.__path__, 'infdiff.')]
+for name in names:
+  importlib.import_module(name)
+clis = [n for n in names if hasattr(importlib.import_module(n), 'define_flags')]
+for name in clis:
+  before = set(flags.FLAGS)
+  importlib.import_module(name).define_flags()
+  for flag in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, flag)
+print(len(clis))
+"""
+
+
+def test_cli_flags_do_not_collide_with_imported_modules():
+  """A CLI that defines its flags only when run (`define_flags`) can still be called in a
+  process that has imported every other module: no module defines flags on import with the
+  same names."""
+  out = subprocess.run(
+      [sys.executable, "-c", _FLAG_CHECK],
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      check=False,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert int(out.stdout.split()[-1]) >= 3  # evaluate, guide, checkpoint_check
