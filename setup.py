@@ -36,6 +36,15 @@ setup(
             "chex>=0.1.90,<0.2",
             "ruff>=0.8",
             "pyink>=24",
+            # tests/test_notebooks.py runs colabs/*.ipynb
+            "nbclient>=0.10,<0.12",
+            "nbformat>=5.10,<6",
+            "ipykernel>=6.29,<8",
+            "matplotlib>=3.9,<4",
+        ],
+        # colabs/*.ipynb (infdiff.notebook.show and the plots)
+        "notebook": [
+            "matplotlib>=3.9,<4",
         ],
         # Only for scripts/make_parity_fixtures.py: the canonical PyTorch references.
         "parity": [

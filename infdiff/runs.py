@@ -156,6 +156,11 @@ def _providers(path: str, kind: str) -> tuple[list[str], dict[str, tuple[str, ..
   return [s for s in dirs if kind in provides[s]], provides
 
 
+def has_contract(path: str, kind: str) -> bool:
+  """Whether a stage of the run provides `kind` (`base.AUTOENCODER` or `base.GENERATOR`)."""
+  return bool(_providers(path, kind)[0])
+
+
 def load_contract(path: str, kind: str, purpose: str, step: int | None = None, **options):
   """The `FieldAutoencoder` or `Generator` of a run, from the last stage providing it.
 

@@ -295,6 +295,7 @@ def test_cli_rejects_bad_conditions_before_loading(tmp_path):
 
 
 class _Plain(base.LatentGenerator):
+  native_size = (8, 8)
 
   def latents(self, conditions, num=1, seed=0):
     raise AssertionError("not called")

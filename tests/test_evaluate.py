@@ -155,6 +155,7 @@ class _RealImages(base.LatentGenerator):
   """A generator stand-in whose 'samples' are the held-out images themselves."""
 
   conditional = True
+  native_size = (32, 32)
 
   def __init__(self, source):
     self.source = source

@@ -57,6 +57,7 @@ def test_latent_statistics_are_the_encoders_channel_moments(tmp_path):
 
 
 class _Uncond(base.LatentGenerator):
+  native_size = (2, 2)
 
   def latents(self, conditions, num=1, seed=0):
     return np.zeros((len(conditions) * num, 2, 2, 1))

@@ -106,6 +106,8 @@ class _PatchGen(base.Generator):
   """Unconditional stand-in: collage='none' draws independent flat patches, anything
   else seamless smooth images."""
 
+  native_size = (P, P)
+
   def __init__(self, options, patch=P, samplers=None):
     self.options = dict(options)
     if patch is not None:

@@ -199,6 +199,11 @@ class Generator(abc.ABC):
   conditional: bool = False
   max_size: int = 8192  # largest output side the sample CLI accepts
 
+  @property
+  @abc.abstractmethod
+  def native_size(self) -> tuple[int, int]:
+    """(H, W) of the images the generator was trained on: scale 1 of a zoom."""
+
   def check_conditions(self, conditions) -> list[str]:
     """The conditions as a list of prompts; a one-line ValueError if they do not apply."""
     conditions = list(conditions or [""])

@@ -184,6 +184,10 @@ class LatentDDPM(base.LatentGenerator, base.GuidablePrior):
     self.trace_count = 0  # times the sampler was traced (compiled)
     self._sample = jax.jit(self._sample_impl)
 
+  @property
+  def native_size(self) -> tuple[int, int]:
+    return (self.method.image_size,) * 2
+
   def set_params(self, params, aux) -> None:
     self.params, self.aux = params, aux
 

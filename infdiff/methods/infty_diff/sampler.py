@@ -83,6 +83,10 @@ class MollifiedDDIM(base.Generator, base.GuidablePrior):
     self.trace_count = 0  # times the DDIM loop was traced (one per canvas size)
     self._sample = jax.jit(self._sample_impl, static_argnums=(3, 4))
 
+  @property
+  def native_size(self) -> tuple[int, int]:
+    return (self.method.image_size,) * 2
+
   def set_params(self, params, aux) -> None:
     del aux
     self.params = params

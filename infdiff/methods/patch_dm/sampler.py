@@ -103,6 +103,10 @@ class PatchDDIM(base.Generator, base.GuidablePrior):
     self.patch_traces = {}  # traces of the jitted patch functions (host sampling)
     self._jitted = {}
 
+  @property
+  def native_size(self) -> tuple[int, int]:
+    return (self.method.height, self.method.width)
+
   def set_params(self, params, aux) -> None:
     del aux
     self.params = params

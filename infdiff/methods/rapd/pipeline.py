@@ -108,6 +108,10 @@ class TextToImage(base.LatentGenerator):
     self.denoiser_calls = 0
     self._denoise = jax.jit(self._denoise_impl)
 
+  @property
+  def native_size(self) -> tuple[int, int]:
+    return (self.method.image_size,) * 2
+
   def set_params(self, params, aux) -> None:
     self.params, self.aux = params, aux
     self.autoencoder.set_params(aux["ae"])
