@@ -49,9 +49,10 @@ def define_flags() -> None:
   flags.DEFINE_enum(
       "step_rule",
       "dps",
-      ["dps", "plain", "replace"],
+      ["dps", "plain", "replace", "auto"],
       "dps: normalised DPS step; plain: scale*grad; replace: known crop pixels, noised, "
-      "replace the canvas state's at every step (pixel-state priors: Patch-DM).",
+      "replace the canvas state's at every step (pixel-state priors: Patch-DM); auto: "
+      "replace for crops on a pixel-state prior, else dps.",
   )
   flags.DEFINE_integer(
       "steps", None, "DDIM steps (default: the run's sample.num_steps; INFD: 200)."
@@ -178,6 +179,63 @@ def _labels(conditions) -> list[str]:
   return labels
 
 
+def held_out_inputs(workdir, canvas: int, out: str, *, factor=8, crop=32, index=0, hole=0) -> dict:
+  """Conditions taken from held-out image `index` of the run's data, rendered at
+  canvas x canvas, written as PNGs under `out` (`scripts/guide_inputs.py` prints them as
+  flags). Returns, as `run` takes them:
+    truth    the full canvas (also the known centre of an outpainting)
+    lowres   its area-downsampling by `factor` (super-resolution)
+    crop     'top,left,PNG' of a centred crop of side `crop`
+    half     'top,left,PNG' of its left half (inpainting of the right half)
+    ring     ['top,left,PNG'] of the four bands around a centred hole of side `hole`
+             (0: half the canvas)
+    colours  'top,left,h,w,#rrggbb;...': the mean colour of each quadrant
+  """
+  import numpy as np
+
+  from infdiff import fields, sampling
+  from infdiff.evaluators import common
+
+  s = canvas
+  source = common.held_out_source(common.run_data_config(workdir))
+  img = common.full_image(source, index, s, s)  # [s, s, 3] in [0, 1]
+  os.makedirs(out, exist_ok=True)
+  path = lambda name: os.path.join(out, name)
+  sampling.save_png(path("truth.png"), img)
+  sampling.save_png(
+      path("lowres.png"), np.asarray(fields.area_downsample(img, s // factor, s // factor))
+  )
+  top = (s - crop) // 2
+  sampling.save_png(path("crop.png"), img[top : top + crop, top : top + crop])
+  sampling.save_png(path("left.png"), img[:, : s // 2])
+  hole = hole or s // 2
+  h0 = (s - hole) // 2
+  ring = []
+  for name, (t, le, h, w) in (
+      ("top", (0, 0, h0, s)),
+      ("bottom", (h0 + hole, 0, s - h0 - hole, s)),
+      ("left", (h0, 0, hole, h0)),
+      ("right", (h0, h0 + hole, hole, s - h0 - hole)),
+  ):
+    sampling.save_png(path(f"ring_{name}.png"), img[t : t + h, le : le + w])
+    ring.append(f"{t},{le},{path(f'ring_{name}.png')}")
+  half = s // 2
+  boxes = []
+  for t in (0, half):
+    for le in (0, half):
+      mean = img[t : t + half, le : le + half].reshape(-1, 3).mean(0)
+      hexc = "#" + "".join(f"{int(round(float(v) * 255)):02x}" for v in mean)
+      boxes.append(f"{t},{le},{half},{half},{hexc}")
+  return {
+      "truth": path("truth.png"),
+      "lowres": path("lowres.png"),
+      "crop": f"{top},{top},{path('crop.png')}",
+      "half": f"0,0,{path('left.png')}",
+      "ring": ring,
+      "colours": ";".join(boxes),
+  }
+
+
 def run(
     workdir,
     canvas,
@@ -225,6 +283,9 @@ def run(
   steps = int(steps or getattr(gen, "num_steps", 200))
   eta = float(getattr(gen, "eta", 1.0) if eta is None else eta)
   prior = gen.guidance_view(h, w)  # the prior of this canvas (∞-Diff: its pixel grid)
+  if step_rule == "auto":  # replacement of known pixels where the state is the canvas, else DPS
+    only_crops = all(isinstance(c, dps.Crop) for c in conds)
+    step_rule = "replace" if getattr(prior, "pixel_state", False) and only_crops else "dps"
   if step_rule == "replace" and not getattr(prior, "pixel_state", False):
     raise ValueError(
         f"--step_rule=replace needs a prior whose state is the canvas pixels (Patch-DM); "

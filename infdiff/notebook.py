@@ -162,6 +162,93 @@ def zoom(
   return out
 
 
+GUIDE_TASKS = ("superres", "inpaint", "hole", "outpaint", "colours")
+
+
+def guided(
+    workdir: str,
+    task: str,
+    *,
+    scale: float = 1.0,
+    num: int = 2,
+    seed: int = 0,
+    index: int = 0,
+    step_rule: str = "auto",
+    **sampler_options,
+) -> dict:
+  """One inverse problem on held-out image `index`, through `infdiff.guide.run`.
+
+  Tasks, on the generator's native size N (`GUIDE_TASKS`):
+    superres  the 2N canvas from its 2x area-downsampling
+    inpaint   the N canvas from its left half
+    hole      the N canvas from the ring around a centred N/2 hole
+    outpaint  the 3N/2 canvas from the N image at its centre
+    colours   the N canvas from the mean colour of each quadrant
+
+  Returns {'task', 'canvas', 'report' (guide.run's constraint errors, guided and
+  unguided, per condition), 'images': {'held-out': [1, ...], 'unguided': [num, ...],
+  'guided': [num, ...]}}. Files go to WORKDIR/guided/<task>.
+  """
+  from infdiff import guide, runs
+
+  if task not in GUIDE_TASKS:
+    raise ValueError(f"unknown guidance task {task!r}; expected one of {GUIDE_TASKS}")
+  n = generator(workdir, **sampler_options).native_size[0]
+  out = os.path.join(runs.run_root(workdir), "guided", task)
+  side = {"superres": 2 * n, "outpaint": 3 * n // 2}.get(task, n)
+  inputs = guide.held_out_inputs(
+      workdir,
+      n if task == "outpaint" else side,
+      os.path.join(out, "inputs"),
+      factor=2,
+      index=index,
+  )
+  off = (side - n) // 2
+  kwargs = {
+      "superres": dict(lowres=inputs["lowres"]),
+      "inpaint": dict(crops=[inputs["half"]]),
+      "hole": dict(crops=inputs["ring"]),
+      "outpaint": dict(crops=[f"{off},{off},{inputs['truth']}"]),
+      "colours": dict(colours=inputs["colours"]),
+  }[task]
+  report = guide.run(
+      workdir,
+      f"{side}x{side}",
+      scale=scale,
+      step_rule=step_rule,
+      num=num,
+      seed=seed,
+      out=out,
+      sampler_options=sampler_options,
+      **kwargs,
+  )
+  read = lambda kind: np.stack(
+      [guide.read_png(os.path.join(out, f"{kind}_{i:03d}.png")) for i in range(num)]
+  )
+  images = {"held-out": guide.read_png(inputs["truth"])[None]}
+  images.update({k: read(k) for k in ("unguided", "guided")})
+  return {"task": task, "canvas": side, "report": report, "images": images}
+
+
+def guide_all(workdir: str, tasks: Sequence[str] = GUIDE_TASKS, **kwargs) -> list[dict]:
+  """`guided` for each task (the same keyword arguments for all)."""
+  return [guided(workdir, t, **kwargs) for t in tasks]
+
+
+def show_guided(results: Sequence[dict], *, scale: float = 2.0) -> list:
+  """For each `guided` result: its constraint errors (mean squared error of the
+  condition, unguided vs guided) and the held-out image beside the samples."""
+  figs = []
+  for r in results:
+    for label, e in r["report"].items():
+      print(
+          f"{r['task']} ({r['canvas']}x{r['canvas']}) {label}: unguided "
+          f"{e['unguided_mean']:.5f}, guided {e['guided_mean']:.5f}"
+      )
+    figs.append(show(r["images"], scale=scale))
+  return figs
+
+
 def has_autoencoder(workdir: str) -> bool:
   """Whether a stage of the run provides a `FieldAutoencoder` (RaPD, INFD)."""
   from infdiff import runs

@@ -16,13 +16,10 @@ colour of each quadrant of the canvas).
 from __future__ import annotations
 
 import json
-import os
 
-import numpy as np
 from absl import app, flags
 
-from infdiff import fields, sampling
-from infdiff.evaluators import common
+from infdiff import guide
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (its data config names the held-out set).")
@@ -37,44 +34,24 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
   del argv
+  got = guide.held_out_inputs(
+      FLAGS.workdir,
+      FLAGS.canvas,
+      FLAGS.out,
+      factor=FLAGS.factor,
+      crop=FLAGS.crop,
+      index=FLAGS.index,
+      hole=FLAGS.hole,
+  )
   s = FLAGS.canvas
-  source = common.held_out_source(common.run_data_config(FLAGS.workdir))
-  img = common.full_image(source, FLAGS.index, s, s)  # [s, s, 3] in [0, 1]
-  os.makedirs(FLAGS.out, exist_ok=True)
-  sampling.save_png(os.path.join(FLAGS.out, "truth.png"), img)
-  low = np.asarray(fields.area_downsample(img, s // FLAGS.factor, s // FLAGS.factor))
-  sampling.save_png(os.path.join(FLAGS.out, "lowres.png"), low)
-  top = left = (s - FLAGS.crop) // 2
-  crop = img[top : top + FLAGS.crop, left : left + FLAGS.crop]
-  sampling.save_png(os.path.join(FLAGS.out, "crop.png"), crop)
-  sampling.save_png(os.path.join(FLAGS.out, "left.png"), img[:, : s // 2])
-  hole = FLAGS.hole or s // 2
-  h0 = (s - hole) // 2
-  ring = []
-  for name, (t, le, h, w) in (
-      ("top", (0, 0, h0, s)),
-      ("bottom", (h0 + hole, 0, s - h0 - hole, s)),
-      ("left", (h0, 0, hole, h0)),
-      ("right", (h0, h0 + hole, hole, s - h0 - hole)),
-  ):
-    path = os.path.join(FLAGS.out, f"ring_{name}.png")
-    sampling.save_png(path, img[t : t + h, le : le + w])
-    ring.append(f"--crop={t},{le},{path}")
-  half = s // 2
-  boxes = []
-  for t in (0, half):
-    for le in (0, half):
-      mean = img[t : t + half, le : le + half].reshape(-1, 3).mean(0)
-      hexc = "#" + "".join(f"{int(round(float(v) * 255)):02x}" for v in mean)
-      boxes.append(f"{t},{le},{half},{half},{hexc}")
   print(
       json.dumps(
           {
-              "lowres": f"--lowres={os.path.join(FLAGS.out, 'lowres.png')}",
-              "crop": f"--crop={top},{left},{os.path.join(FLAGS.out, 'crop.png')}",
-              "half": f"--crop=0,0,{os.path.join(FLAGS.out, 'left.png')}",
-              "ring": " ".join(ring),
-              "colours": f"--colours={';'.join(boxes)}",
+              "lowres": f"--lowres={got['lowres']}",
+              "crop": f"--crop={got['crop']}",
+              "half": f"--crop={got['half']}",
+              "ring": " ".join(f"--crop={c}" for c in got["ring"]),
+              "colours": f"--colours={got['colours']}",
               "canvas": f"--canvas={s}x{s}",
           }
       )

@@ -37,6 +37,7 @@ EXPECTED_METRICS = {
     "infty_diff": ("swd",),
     "patch_dm": ("seams",),
 }
+GUIDABLE = ("infd", "infty_diff", "patch_dm")  # RaPD's generator is not a guidable prior
 SIZES = {"patch_dm": "[(16, 16), (32, 16)]"}  # Patch-DM: multiples of its tiny patch
 
 
@@ -46,7 +47,7 @@ def _read(name):
 
 
 def test_committed_notebooks_carry_no_outputs():
-  assert set(NOTEBOOKS) >= {"sample.ipynb", "zoom.ipynb", "evaluate.ipynb"}
+  assert set(NOTEBOOKS) >= {"sample.ipynb", "zoom.ipynb", "guide.ipynb", "evaluate.ipynb"}
   for name in NOTEBOOKS:
     nb = _read(name)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
@@ -108,6 +109,11 @@ def test_notebooks_run_for_every_method(method, train_dir):
   )
   text = _text(nb)
   assert "Error" not in text, text[-2000:]
+  if method in GUIDABLE:
+    nb = _execute("guide.ipynb", {**common, "WORKDIR": repr(run), "NUM": "1"}, train_dir)
+    text = _text(nb)
+    for task in ("superres", "inpaint", "hole", "outpaint", "colours"):
+      assert f"{task} (" in text and "guided" in text, text[-2000:]
   nb = _execute("evaluate.ipynb", {**common, "WORKDIR": repr(run), "NUM": "2"}, train_dir)
   text = _text(nb)
   # the metrics that apply to the run were written and shown as tables
