@@ -45,6 +45,7 @@ setup(
         # colabs/*.ipynb (infdiff.notebook.show and the plots)
         "notebook": [
             "matplotlib>=3.9,<4",
+            "ipykernel>=6.29,<8",
         ],
         # Only for scripts/make_parity_fixtures.py: the canonical PyTorch references.
         "parity": [

@@ -79,12 +79,14 @@ def run_or_train(
     overrides: Sequence[str] = (),
 ) -> str:
   """`workdir` if given (an existing run), else trains `method`'s demo preset (with
-  `overrides`) into `train_dir/<method>` and returns that directory."""
+  `overrides`) into `train_dir/<method>` and returns that directory. A relative
+  `train_dir` is under the checkout (Jupyter starts in colabs/, Colab in the clone)."""
   if workdir:
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"no run directory {workdir}")
     return workdir
   name = os.path.basename(config_spec(method).split(":")[0])[: -len(".py")]
+  train_dir = os.path.join(repo_root(), train_dir)  # unchanged if absolute
   return train(load_config(method, overrides), os.path.join(train_dir, name))
 
 
