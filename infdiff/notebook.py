@@ -77,17 +77,27 @@ def run_or_train(
     *,
     train_dir: str = "runs/notebook",
     overrides: Sequence[str] = (),
+    steps: int | None = None,
 ) -> str:
   """`workdir` if given (an existing run), else trains `method`'s demo preset (with
-  `overrides`) into `train_dir/<method>` and returns that directory. A relative
-  `train_dir` is under the checkout (Jupyter starts in colabs/, Colab in the clone)."""
+  `overrides`; `steps` training steps for every stage, None for the preset's) into
+  `train_dir/<method>` and returns that directory. A relative `train_dir` is under the
+  checkout (Jupyter starts in colabs/, Colab in the clone)."""
   if workdir:
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"no run directory {workdir}")
     return workdir
   name = os.path.basename(config_spec(method).split(":")[0])[: -len(".py")]
   train_dir = os.path.join(repo_root(), train_dir)  # unchanged if absolute
-  return train(load_config(method, overrides), os.path.join(train_dir, name))
+  config = load_config(method, overrides)
+  if steps is not None:
+    if steps <= 0:
+      raise ValueError(f"steps must be positive, got {steps}")
+    config.total_steps = steps
+    for stage in config.stages:  # stages with their own count (RaPD's stage 1: 3x)
+      if "total_steps" in config[stage]:
+        config[stage].total_steps = steps
+  return train(config, os.path.join(train_dir, name))
 
 
 def generator(workdir: str, **options):

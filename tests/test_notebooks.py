@@ -95,6 +95,7 @@ def test_notebooks_run_for_every_method(method, train_dir):
       "TRAIN_DIR": repr(str(train_dir)),
       "OVERRIDES": repr(TINY[method]),
       "SEED": "1",
+      "STEPS": "2",
   }
   nb = _execute("sample.ipynb", {**common, "SIZES": sizes, "NUM": "1"}, train_dir)
   assert "identical: True" in _text(nb)
