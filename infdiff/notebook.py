@@ -20,7 +20,11 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from infdiff import utils
+
 METHODS = ("rapd", "infd", "infty_diff", "patch_dm")  # configs/<method>.py
+
+utils.quiet_library_logs_everywhere()  # checkpoint internals log ~20 lines per save
 
 
 def repo_root() -> str:

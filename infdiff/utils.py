@@ -23,6 +23,14 @@ def quiet_library_logs() -> None:
     handler.addFilter(_QuietLibraries())
 
 
+def quiet_library_logs_everywhere() -> None:
+  """`quiet_library_logs` for records of the absl logger whatever handler prints them
+  (a notebook kernel prints them through its own root handler, not absl's)."""
+  logger = pylogging.getLogger("absl")
+  if not any(isinstance(f, _QuietLibraries) for f in logger.filters):
+    logger.addFilter(_QuietLibraries())
+
+
 def add_log_file(path: str) -> None:
   """Mirrors absl logging into a plain-text log file (once per path)."""
   logger = pylogging.getLogger("absl")
