@@ -36,6 +36,7 @@ class ToyPrior(base.LatentGenerator, base.GuidablePrior):
   """A latent diffusion prior with an exact denoiser and a bilinear 'renderer'."""
 
   latent_shape = LATENT
+  native_size = (16, 16)
   parameterization = "eps"
 
   def __init__(self):
