@@ -136,7 +136,7 @@ def zoom(
     workdir: str,
     scales: Sequence[int] = (1, 2, 4, 8, 16),
     *,
-    region: float = 0.25,
+    region: tuple[float, float, float] = (0.25, 0.25, 0.5),
     condition: str = "",
     seed: int = 0,
     **options,
@@ -156,6 +156,9 @@ def zoom(
   from infdiff import cli
   from infdiff.methods import base
 
+  top, left, side = region
+  if not (0 <= top < 1 and 0 <= left < 1 and 0 < side <= 1 - max(top, left)):
+    raise ValueError(f"region {region}: (top, left, side) fractions inside the image")
   gen = generator(workdir, **options)
   conds = gen.check_conditions([condition if gen.conditional else ""])
   base_h, base_w = gen.native_size
@@ -172,7 +175,6 @@ def zoom(
     out["peak_rss_gib"].append(cli.peak_rss_gib())
     out["scale"].append(s)
     out["size"].append((w, h))
-    top, left, side = region
     y, x = round(top * h), round(left * w)
     out["crop"].append(img[y : y + max(1, round(side * h)), x : x + max(1, round(side * w))])
   return out
