@@ -342,13 +342,7 @@ def eval_results(workdir: str) -> dict:
     if not name.endswith(".json"):
       continue
     with open(os.path.join(directory, name)) as f:
-      d = json.load(f)
-    nan = float("nan")
-    rows = {
-        r: {c: nan if v is None else v for c, v in cols.items()} for r, cols in d["rows"].items()
-    }
-    meta = {k: v for k, v in d.items() if k not in ("metric", "rows", "columns", "note")}
-    out[name[: -len(".json")]] = common.Result(d["metric"], rows, meta, d.get("note", ""))
+      out[name[: -len(".json")]] = common.Result.from_json(json.load(f))
   return out
 
 

@@ -315,3 +315,12 @@ def test_caption_coverage_of_the_shapes_vocabulary(run_dir, capsys):
   out = capsys.readouterr().out
   assert "missing from the vocabulary: none" in out
   assert "all 28 possible: 28" in out
+
+
+def test_result_json_round_trip():
+  from infdiff.evaluators import common
+
+  r = common.Result("m", {"a": {"x": 1.5, "y": float("inf")}}, {"num": 3}, "note")
+  back = common.Result.from_json(json.loads(json.dumps(r.to_json())))
+  assert back.metric == "m" and back.meta == {"num": 3} and back.note == "note"
+  assert back.rows["a"]["x"] == 1.5 and np.isnan(back.rows["a"]["y"])  # inf is stored as null

@@ -93,6 +93,16 @@ class Result:
     out = {"metric": self.metric, "rows": rows, "columns": self.columns(), **self.meta}
     return {**out, "note": self.note} if self.note else out
 
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> Result:
+    """The inverse of `to_json` (null values back to NaN)."""
+    nan = float("nan")
+    rows = {
+        r: {c: nan if v is None else v for c, v in cols.items()} for r, cols in d["rows"].items()
+    }
+    meta = {k: v for k, v in d.items() if k not in ("metric", "rows", "columns", "note")}
+    return cls(d["metric"], rows, meta, d.get("note", ""))
+
   def table(self) -> str:
     """The rows as a fixed-width text table."""
     cols = self.columns()
