@@ -56,6 +56,7 @@ setup(
             "safetensors==0.8.0",
             "lpips==0.1.4",
             "pytorch-fid==0.3.0",
+            "diffusers==0.36.0",
         ],
     },
 )

@@ -142,6 +142,9 @@ def ldm_config(p) -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.batch_size = 16 if demo else 48  # paper: 48
   c.stage1_workdir = ""  # finished infd_ae run; '' = the sibling workdir/infd_ae
+  c.autoencoder_stage = "infd_ae"  # the stage whose latent is modelled
+  c.decoder_stage = ""  # stage that draws the samples; '' = the autoencoder's CLIF render
+  c.decoder_workdir = ""  # its run when not beside this stage
   c.unet = ml_collections.ConfigDict(
       dict(
           ch=32 if demo else 224,

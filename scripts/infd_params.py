@@ -20,7 +20,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from infdiff import fields
-from infdiff.methods.infd import autoencoder, ldm
+from infdiff.methods import latent_ddpm as ldm
+from infdiff.methods.infd import autoencoder
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/infd.py", "INFD config.", lock_config=True)

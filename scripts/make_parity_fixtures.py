@@ -1,9 +1,12 @@
 """Builds tiny random-weight PyTorch reference models and saves parity fixtures.
 
-Needs the `parity` extra (torch, torchvision, transformers, lpips, pytorch-fid); run it in
-a separate environment so the main one stays torch-free:
+Needs the `parity` extra (torch, torchvision, transformers, lpips, pytorch-fid, diffusers);
+run it in a separate environment so the main one stays torch-free:
 
     python scripts/make_parity_fixtures.py --out tests/fixtures/pretrained
+    python scripts/make_parity_fixtures.py --kinds sd_vae  # one kind (torch + diffusers)
+
+Each maker imports its reference library itself, so one kind needs only its own packages.
 
 For each kind it writes tests/fixtures/pretrained/<kind>/ holding the checkpoint in the
 real file layout plus `parity.npz` (inputs and reference outputs):
@@ -23,6 +26,12 @@ real file layout plus `parity.npz` (inputs and reference outputs):
   (FIDInceptionA/C/E_1/E_2 + torchvision B/D) with every channel width divided by 8 (the
   torchvision BasicConv2d the blocks build is narrowed while constructing); converted
   from .pth the same way.
+- sd_vae: diffusers AutoencoderKL (save_pretrained) with block_out_channels (4, 8, 8),
+  one ResBlock per level and 2 GroupNorm groups; `images` of odd size (2 x 19 x 23),
+  `latent_dist.mean` / `.logvar` and `decode(mean).sample` (NHWC, diffusers' [-1, 1]
+  scale). The same weights with the older attention names (query/key/value/proj_attn)
+  go to sd_vae_legacy/ (no parity.npz; diffusers is checked to load it to identical
+  outputs).
 
 No weights are downloaded: lpips/pytorch-fid constructors are called on their no-download
 paths and every weight is random (seeded).
@@ -366,6 +375,67 @@ def make_inception(out: str) -> None:
   np.savez(os.path.join(out, "parity.npz"), images=x, pool=pool)
 
 
+# diffusers' current mid-block attention names -> the older ones still found in some
+# SD1.x `vae/diffusion_pytorch_model.safetensors` files.
+SD_VAE_LEGACY_NAMES = {
+    "to_q": "query",
+    "to_k": "key",
+    "to_v": "value",
+    "to_out.0": "proj_attn",
+}
+
+
+def make_sd_vae(out: str) -> None:
+  from diffusers import AutoencoderKL
+  from safetensors.torch import load_file, save_file
+
+  widths = (4, 8, 8)  # 4 -> 8 exercises the 1x1 conv_shortcut; 3 levels, factor 4
+  model = AutoencoderKL(
+      in_channels=3,
+      out_channels=3,
+      down_block_types=("DownEncoderBlock2D",) * len(widths),
+      up_block_types=("UpDecoderBlock2D",) * len(widths),
+      block_out_channels=widths,
+      layers_per_block=1,
+      latent_channels=4,
+      norm_num_groups=2,
+      sample_size=32,
+  ).eval()
+  randomize(model, 6)
+  model.save_pretrained(out, safe_serialization=True)
+
+  x = images(50, 2, 19, 23, 3)  # odd sides: 19x23 -> 9x11 -> 4x5 latent
+
+  def run(vae):
+    with torch.no_grad():
+      dist = vae.encode(nchw(x) * 2.0 - 1.0).latent_dist
+      sample = vae.decode(dist.mean).sample
+    nhwc = lambda t: t.permute(0, 2, 3, 1).contiguous().numpy()
+    return nhwc(dist.mean), nhwc(dist.logvar), nhwc(sample)
+
+  mean, logvar, sample = run(model)
+  # The same weights under the legacy attention key names, in a sibling directory.
+  legacy = out.rstrip(os.sep) + "_legacy"
+  shutil.rmtree(legacy, ignore_errors=True)
+  os.makedirs(legacy)
+  shutil.copy(os.path.join(out, "config.json"), legacy)
+  weights = "diffusion_pytorch_model.safetensors"
+  state = load_file(os.path.join(out, weights))
+  renamed = {}
+  for key, value in state.items():
+    for new, old in SD_VAE_LEGACY_NAMES.items():
+      key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+    renamed[key] = value
+  assert sum(".query." in k for k in renamed) == 4  # weight + bias, encoder and decoder
+  save_file(renamed, os.path.join(legacy, weights), metadata={"format": "pt"})
+  reloaded = AutoencoderKL.from_pretrained(legacy).eval()
+  for a, b in zip((mean, logvar, sample), run(reloaded)):
+    assert np.array_equal(a, b), "diffusers loads the legacy copy to different outputs"
+  np.savez(os.path.join(out, "parity.npz"), images=x, mean=mean, logvar=logvar, sample=sample)
+  size = sum(os.path.getsize(os.path.join(legacy, f)) for f in os.listdir(legacy))
+  print(f"sd_vae_legacy: {sorted(os.listdir(legacy))} {size / 1e6:.2f} MB")
+
+
 MAKERS = {
     "dinov2": make_dinov2,
     "dinov2_swiglu": lambda out: make_dinov2(out, swiglu=True),  # the ViT-G FFN
@@ -373,6 +443,7 @@ MAKERS = {
     "clip": make_clip,
     "lpips_vgg16": make_lpips,
     "inception_fid": make_inception,
+    "sd_vae": make_sd_vae,  # also writes sd_vae_legacy/
 }
 
 

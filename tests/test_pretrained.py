@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from infdiff import pretrained
+from infdiff.models import sd_vae
 from infdiff.pretrained import clip, common, dinov2, inception, lpips, qwen3, testing
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "pretrained")
@@ -132,6 +133,7 @@ EXAMPLES = {
     "clip": lambda: (jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 3), jnp.int32)),
     "lpips_vgg16": lambda: (jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16, 3))),
     "inception_fid": lambda: (jnp.zeros((1, 8, 8, 3)),),
+    "sd_vae": lambda: (jnp.zeros((1, 8, 8, 3)),),
 }
 
 
@@ -265,3 +267,145 @@ def test_real_configs_have_the_published_parameter_counts():
   assert param_count(lpips.LpipsVgg16(), img, img) == 14_714_688 + 1472
   # torchvision Inception3 without aux head (23,834,568) minus its 1000-way fc.
   assert param_count(inception.InceptionFid(), img) == 23_834_568 - 2_049_000
+
+
+# --------------------------------------------------------------------------- sd_vae
+
+
+def vae_apply(model, params, x, method):
+  return jax.jit(lambda p, v: model.apply(p, v, method=getattr(model, method)))(params, x)
+
+
+@pytest.mark.parametrize("kind", ["sd_vae", "sd_vae_legacy"])
+def test_sd_vae_parity_odd_size_both_attention_key_spellings(kind):
+  _, ref = fixture("sd_vae")  # sd_vae_legacy: the same weights, old attention names
+  model, params = pretrained.load("sd_vae", os.path.join(FIXTURES, kind))
+  assert model.block_out_channels == (4, 8, 8) and model.scaling_factor == 0.18215
+  assert ref["images"].shape == (2, 19, 23, 3)
+  enc = vae_apply(model, params, jnp.asarray(ref["images"]), "encode")
+  assert enc["mean"].shape == enc["logvar"].shape == ref["mean"].shape == (2, 4, 5, 4)
+  assert max_diff(enc["mean"], ref["mean"]) <= TOL
+  assert max_diff(enc["logvar"], ref["logvar"]) <= TOL
+  dec = vae_apply(model, params, jnp.asarray(ref["mean"]), "decode")
+  assert dec.shape == ref["sample"].shape == (2, 16, 20, 3)
+  assert max_diff(dec, 0.5 * ref["sample"] + 0.5) <= TOL  # [0, 1] scale, not clipped
+  assert float(dec.max()) > 1.0 or float(dec.min()) < 0.0
+
+
+SD_VAE_CONFIG = dict(  # stable-diffusion-v1-5 vae/config.json (SDXL: scaling 0.13025)
+    _class_name="AutoencoderKL",
+    act_fn="silu",
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=512,
+)
+
+
+def test_sd_vae_full_size_parameter_count():
+  """Shapes only: SD1.5 / SDXL VAE = 83,653,863 params in diffusers 0.36.0."""
+  model = sd_vae.from_config({**SD_VAE_CONFIG, "scaling_factor": 0.13025})
+  assert model.scaling_factor == 0.13025 and model.shift_factor is None
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))))[
+      "params"
+  ]
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  assert count(shapes) == 83_653_863
+  assert count(shapes["encoder"]) == 34_163_592
+  assert count(shapes["decoder"]) == 49_490_179
+  assert shapes["quant_conv"]["kernel"].shape == (1, 1, 8, 8)
+  assert shapes["post_quant_conv"]["kernel"].shape == (1, 1, 4, 4)
+  assert sd_vae.SDVAE.from_config(SD_VAE_CONFIG).scaling_factor == 0.18215  # the default
+
+
+def test_sd_vae_shapes_odd_and_non_square_sizes(tmp_path):
+  model, params = pretrained.load("sd_vae", testing.write_tiny("sd_vae", tmp_path / "v"))
+  # Two levels (factor 2): each side s -> floor(s / 2), as torch's pad + stride-2 conv.
+  for (h, w), (lh, lw) in (((19, 23), (9, 11)), ((16, 40), (8, 20)), ((7, 6), (3, 3))):
+    x = jax.ShapeDtypeStruct((2, h, w, 3), jnp.float32)
+    enc = jax.eval_shape(lambda p, v: model.apply(p, v, method=model.encode), params, x)
+    assert enc["mean"].shape == enc["logvar"].shape == (2, lh, lw, 4)
+    assert enc["mean"].dtype == enc["logvar"].dtype == jnp.float32
+    z = jax.ShapeDtypeStruct((2, lh, lw, 4), jnp.float32)
+    out = jax.eval_shape(lambda p, v: model.apply(p, v, method=model.decode), params, z)
+    assert out.shape == (2, 2 * lh, 2 * lw, 3)
+  x = jnp.asarray(np.random.default_rng(0).random((2, 19, 23, 3)), jnp.float32)
+  enc = vae_apply(model, params, x, "encode")
+  np.testing.assert_allclose(
+      jax.jit(model.apply)(params, x), vae_apply(model, params, enc["mean"], "decode"), atol=1e-6
+  )
+  # logvar is clamped to [-30, 20] like diffusers' DiagonalGaussianDistribution.
+  qc = params["params"]["quant_conv"]
+  big = {"params": {**params["params"], "quant_conv": {**qc, "bias": qc["bias"] + 1e3}}}
+  moments = vae_apply(model, big, x, "moments")
+  assert moments.shape == (2, 9, 11, 8) and float(moments[..., 4:].min()) > 20.0
+  assert float(vae_apply(model, big, x, "encode")["logvar"].max()) == 20.0
+
+
+def test_sd_vae_errors_are_one_line(tmp_path):
+  bad = {**SD_VAE_CONFIG, "down_block_types": ["AttnDownEncoderBlock2D"] * 4}
+  with pytest.raises(ValueError) as e:
+    sd_vae.from_config(bad)
+  assert "\n" not in str(e.value) and "AttnDownEncoderBlock2D" in str(e.value)
+  for cfg in (
+      {**SD_VAE_CONFIG, "act_fn": "gelu"},
+      {**SD_VAE_CONFIG, "out_channels": 1},
+      {**SD_VAE_CONFIG, "up_block_types": ["UpDecoderBlock2D"] * 3},
+      {**SD_VAE_CONFIG, "_class_name": "AutoencoderTiny"},
+  ):
+    with pytest.raises(ValueError) as e:
+      sd_vae.from_config(cfg)
+    assert "\n" not in str(e.value)
+  # Through the loader: an unsupported config is a CheckpointFormatError (a ValueError).
+  path = testing.write_tiny_sd_vae(
+      tmp_path / "attn", down_block_types=["AttnDownEncoderBlock2D"] * 2
+  )
+  with pytest.raises(common.CheckpointFormatError) as e:
+    pretrained.load("sd_vae", path)
+  assert "\n" not in str(e.value)
+  # Weights the config has no place for (attention turned off) / mis-shaped weights.
+  path = testing.write_tiny_sd_vae(tmp_path / "ok")
+  for overrides in ({"mid_block_add_attention": False}, {"latent_channels": 8}):
+    with pytest.raises(common.CheckpointFormatError) as e:
+      pretrained.load("sd_vae", path, **overrides)
+    assert "\n" not in str(e.value)
+  with pytest.raises(pretrained.CheckpointNotFoundError) as e:
+    pretrained.load("sd_vae", tmp_path / "nope")
+  assert "\n" not in str(e.value) and "diffusion_pytorch_model.safetensors" in str(e.value)
+
+
+def test_sd_vae_tiny_round_trip_legacy_keys_and_encoder_only_params(tmp_path):
+  model, params = pretrained.load("sd_vae", testing.write_tiny("sd_vae", tmp_path / "new"))
+  assert model.block_out_channels == (8, 16) and model.norm_num_groups == 4
+  _, legacy = pretrained.load(
+      "sd_vae", testing.write_tiny("sd_vae", tmp_path / "old", legacy_keys=True)
+  )
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(legacy)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  attn = params["params"]["encoder"]["mid_block"]["attentions_0"]
+  assert set(attn) == {"norm", "q", "k", "v", "proj_out"}
+  assert attn["q"]["kernel"].shape == (1, 1, 16, 16)  # torch Linear -> 1x1 conv kernel
+  # A frozen-encoder user can keep only the encoder half (and the decoder half alone).
+  x = jnp.asarray(np.random.default_rng(1).random((1, 12, 10, 3)), jnp.float32)
+  half = {"params": {k: params["params"][k] for k in ("encoder", "quant_conv")}}
+  np.testing.assert_array_equal(
+      vae_apply(model, half, x, "encode")["mean"], vae_apply(model, params, x, "encode")["mean"]
+  )
+  half = {"params": {k: params["params"][k] for k in ("decoder", "post_quant_conv")}}
+  z = jax.ShapeDtypeStruct((1, 3, 4, 4), jnp.float32)
+  out = jax.eval_shape(lambda p, v: model.apply(p, v, method=model.decode), half, z)
+  assert out.shape == (1, 6, 8, 3)
+  # Without quant_conv / post_quant_conv (e.g. SD3/FLUX-style configs).
+  model2, params2 = pretrained.load(
+      "sd_vae",
+      testing.write_tiny_sd_vae(
+          tmp_path / "noq", use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1
+      ),
+  )
+  assert "quant_conv" not in params2["params"] and model2.shift_factor == 0.1
+  assert jax.eval_shape(model2.apply, params2, x).shape == (1, 12, 10, 3)

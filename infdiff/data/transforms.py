@@ -132,8 +132,8 @@ def center_square(image: np.ndarray) -> np.ndarray:
   return image[top : top + s, left : left + s]
 
 
-def resized_window(image: np.ndarray, size: int, top: int, left: int, p: int) -> np.ndarray:
-  """The window [top:top+p, left:left+p] of `resize_square(image, size)`, computed alone.
+def resized_window(image: np.ndarray, size, top: int, left: int, p: int) -> np.ndarray:
+  """The window [top:top+p, left:left+p] of `image` resized to `size`, computed alone.
 
   Downsampling is the exact area filter, separable, so only the output rows and columns
   of the window and the input pixels under them are computed (a 256^2 window of a 1024^2
@@ -142,7 +142,8 @@ def resized_window(image: np.ndarray, size: int, top: int, left: int, p: int) ->
 
   Args:
     image: uint8 [S, S, 3].
-    size: side of the virtual resized image.
+    size: side of the virtual resized image, or its (height, width) (the square image is
+      then stretched to that aspect ratio, as InfGen's targets are).
     top: first row of the window in the resized image.
     left: first column.
     p: window side.
@@ -151,10 +152,16 @@ def resized_window(image: np.ndarray, size: int, top: int, left: int, p: int) ->
     float32 [p, p, 3] in [0, 1].
   """
   s = image.shape[0]
-  if s < size:
-    return resize_square(image, size)[top : top + p, left : left + p]
-  m = fields.area_matrix(s, size)  # [size, S]; rows of a square image and columns alike
-  my, mx = m[top : top + p], m[left : left + p]  # [p, S]
+  sh, sw = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
+  if s < sh or s < sw:
+    if sh == sw:
+      full = resize_square(image, sh)
+    else:
+      full = np.asarray(Image.fromarray(image).resize((sw, sh), Image.BICUBIC), np.float32)
+      full = np.clip(full / 255.0, 0.0, 1.0)
+    return np.asarray(full[top : top + p, left : left + p], np.float32)
+  my = fields.area_matrix(s, sh)[top : top + p]  # [p, S]
+  mx = fields.area_matrix(s, sw)[left : left + p]  # [p, S]
   rows = np.flatnonzero(my.any(0))  # input rows under the window
   cols = np.flatnonzero(mx.any(0))
   y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
@@ -220,6 +227,72 @@ class INFDPatch:
         coord=fields.crop_grid(r, r, top, left, p, p),  # [P, P, 2]
         cell=fields.cell_size(r, r),  # [2]
         scale=np.float32(r / self.enc_size),  # []
+    )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldPatch:
+  """A fixed-size encoder input and a window of the image at a random size and aspect
+  (InfGen's training pairs: supplement Sec. III, "arbitrary resolutions and aspect ratios").
+
+  Per record, with the image made square first (its centred square, like `INFDPatch`):
+    encoder input  I resized to enc_size x enc_size (`resize_square`);
+    target size    H ~ U{r_min .. r_max} and W = clip(round(H a), r_min, r_max) with
+                   log a ~ U[-log max_aspect, log max_aspect]: the whole square stretched to
+                   H x W (the encoder saw it squashed to a square, so the decoder restores
+                   the aspect ratio). Sides are multiples of `align` (the decoder's factor);
+    target         a uniformly random patch x patch window of I resized to H x W, its
+                   origin on the `align` lattice (as tiles are at inference);
+    coord, cell    the window's pixel centres in the [-1, 1]^2 domain of the H x W image
+                   and cell (2 / H, 2 / W).
+  Output: {'image': float32 [enc, enc, 3], 'target': float32 [P, P, 3] in [0, 1], 'coord':
+  float32 [P, P, 2], 'cell': float32 [2], 'caption', 'id'}.
+  """
+
+  enc_size: int = 512  # encoder input side (InfGen: 512)
+  r_min: int = 256  # smallest target side
+  r_max: int = 2048  # largest target side
+  patch: int = 256  # supervised window side P (<= r_min)
+  max_aspect: float = 2.0  # largest W / H or H / W of a target (1: square targets)
+  align: int = 8  # target sides and window origins are multiples of this
+
+  def __post_init__(self):
+    if not 0 < self.patch <= self.r_min <= self.r_max:
+      raise ValueError(
+          f"FieldPatch needs 0 < patch ({self.patch}) <= r_min ({self.r_min}) <= r_max "
+          f"({self.r_max})"
+      )
+    if self.patch % self.align or self.r_min % self.align:
+      raise ValueError(
+          f"FieldPatch: patch ({self.patch}) and r_min ({self.r_min}) must be multiples of "
+          f"align ({self.align})"
+      )
+    if self.max_aspect < 1.0:
+      raise ValueError(f"FieldPatch: max_aspect must be >= 1, got {self.max_aspect}")
+
+  def target_size(self, rng: np.random.Generator) -> tuple[int, int]:
+    """(H, W) of one target."""
+    a = self.align
+    lo, hi = self.r_min // a, self.r_max // a
+    h = int(rng.integers(lo, hi + 1))
+    aspect = np.exp(rng.uniform(-np.log(self.max_aspect), np.log(self.max_aspect)))
+    w = int(np.clip(round(h * aspect), lo, hi))
+    return h * a, w * a
+
+  def __call__(self, record, rng: np.random.Generator, batch_rng: np.random.Generator):
+    del batch_rng
+    image = center_square(record["image"])  # [S, S, 3] uint8
+    h, w = self.target_size(rng)
+    p, a = self.patch, self.align
+    top = int(rng.integers(0, (h - p) // a + 1)) * a
+    left = int(rng.integers(0, (w - p) // a + 1)) * a
+    out = _passthrough(record)
+    out.update(
+        image=resize_square(image, self.enc_size),  # [enc, enc, 3]
+        target=resized_window(image, (h, w), top, left, p),  # [P, P, 3]
+        coord=fields.crop_grid(h, w, top, left, p, p),  # [P, P, 2]
+        cell=fields.cell_size(h, w),  # [2]
     )
     return out
 
@@ -311,6 +384,7 @@ TRANSFORMS: dict[str, Callable[..., Any]] = {
     "multires_crop": MultiResCrop,
     "random_resized_square": RandomResizedSquare,
     "infd_patch": INFDPatch,
+    "field_patch": FieldPatch,
 }
 
 

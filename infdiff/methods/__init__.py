@@ -15,11 +15,14 @@ STAGES = {
     "rapd_stage1": "infdiff.methods.rapd.stage1",
     "rapd_stage2": "infdiff.methods.rapd.stage2",
     "infd_ae": "infdiff.methods.infd.autoencoder",
-    "infd_ldm": "infdiff.methods.infd.ldm",
+    "infd_ldm": "infdiff.methods.latent_ddpm",
     "infty_diff": "infdiff.methods.infty_diff.model",
     "infty_diff_latent": "infdiff.methods.infty_diff.latent",
     "patch_dm": "infdiff.methods.patch_dm.model",
     "patch_dm_codes": "infdiff.methods.patch_dm.codes",
+    "vae": "infdiff.methods.infgen.vae",
+    "infgen": "infdiff.methods.infgen.decoder",
+    "latent_ddpm": "infdiff.methods.latent_ddpm",
 }
 
 

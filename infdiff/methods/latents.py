@@ -49,7 +49,10 @@ def latent_statistics(method, ctx) -> dict:
       transform=transform, split="train", num_epochs=None, batch_size=c.stats_batch_size
   )
   p = (ctx.state.ema or ctx.state.params)["model"]
-  encode = jax.jit(lambda p, x: method.model.apply({"params": p}, x, method="encode"))
+  if hasattr(method, "encode_latent"):  # the autoencoder protocol of latent_ddpm
+    encode = jax.jit(method.encode_latent)
+  else:
+    encode = jax.jit(lambda p, x: method.model.apply({"params": p}, x, method="encode"))
   total = np.zeros((), np.float64)
   s1 = s2 = None
   seen = 0

@@ -38,6 +38,16 @@ Checkpoints to provide (download once with any tool, then point `path` at the di
       python scripts/convert_to_safetensors.py inception_fid \
           --inception pt_inception-2015-12-05-6726825d.pth --out DIR
   `apply(params, images)` -> {'pool': [B, 2048]}.
+- 'sd_vae': a diffusers AutoencoderKL directory, the `vae` folder of an SD1.x / SD2 / SDXL
+  checkpoint (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5/vae,
+  stabilityai/sdxl-vae): `config.json`, `diffusion_pytorch_model.safetensors` (the fp16
+  variant is used when only it is present). Both attention key spellings load
+  (to_q/to_k/to_v/to_out.0 and the older query/key/value/proj_attn).
+  `apply(params, images, method=model.encode)` -> {'mean', 'logvar'} [B, h, w, C],
+  unscaled (multiply by `model.scaling_factor` for the diffusion latent space), logvar
+  clamped to [-30, 20]; runs only the encoder. `apply(params, latent, method=model.decode)`
+  -> images [B, H, W, 3] on the [0, 1] scale, not clipped. The module is
+  infdiff.models.sd_vae.SDVAE.
 
 The converter needs torch (the `parity` extra); nothing under infdiff imports torch.
 Safetensors are read by a small torch-free reader that also handles bfloat16 storage
@@ -65,6 +75,7 @@ KINDS = {
     "clip": "infdiff.pretrained.clip",
     "lpips_vgg16": "infdiff.pretrained.lpips",
     "inception_fid": "infdiff.pretrained.inception",
+    "sd_vae": "infdiff.pretrained.sd_vae",
 }
 
 __all__ = ["KINDS", "CheckpointFormatError", "CheckpointNotFoundError", "load", "tokenize"]
@@ -74,7 +85,7 @@ def load(kind: str, path: str | os.PathLike, **overrides) -> tuple[Any, Any]:
   """Builds the Linen port of `kind` and its params from a local checkpoint.
 
   Args:
-    kind: one of 'dinov2', 'qwen3', 'lpips_vgg16', 'inception_fid', 'clip'.
+    kind: one of 'dinov2', 'qwen3', 'lpips_vgg16', 'inception_fid', 'clip', 'sd_vae'.
     path: checkpoint directory (see the module docstring for the files per kind).
     **overrides: module fields to override, e.g. dtype.
 

@@ -10,8 +10,9 @@ or `write_tiny(kind, path)` for any kind.
 
 Each writer takes the directory (created if needed), a seed and config overrides, and
 returns the directory. Key names and shapes are those of the public checkpoints (HF
-Hub names for DINOv2/Qwen3/CLIP, torchvision/lpips/pytorch-fid state dicts converted by
-scripts/convert_to_safetensors.py), so the same loader code path runs.
+Hub names for DINOv2/Qwen3/CLIP, diffusers AutoencoderKL names for the SD VAE,
+torchvision/lpips/pytorch-fid state dicts converted by scripts/convert_to_safetensors.py),
+so the same loader code path runs.
 """
 
 from __future__ import annotations
@@ -355,12 +356,111 @@ def write_tiny_inception_fid(path, seed: int = 0, width_divisor: int = 8) -> str
   return _write(path, None, t, inception.FILE)
 
 
+def tiny_sd_vae_config(**overrides) -> dict[str, Any]:
+  """diffusers AutoencoderKL config.json fields of a tiny VAE (2 levels, factor 2)."""
+  cfg = dict(
+      _class_name="AutoencoderKL",
+      _diffusers_version="0.36.0",
+      in_channels=3,
+      out_channels=3,
+      block_out_channels=[8, 16],
+      layers_per_block=1,
+      latent_channels=4,
+      norm_num_groups=4,
+      act_fn="silu",
+      sample_size=32,
+      scaling_factor=0.18215,
+      force_upcast=True,
+      use_quant_conv=True,
+      use_post_quant_conv=True,
+      mid_block_add_attention=True,
+  )
+  cfg.update(overrides)
+  n = len(cfg["block_out_channels"])
+  cfg.setdefault("down_block_types", ["DownEncoderBlock2D"] * n)
+  cfg.setdefault("up_block_types", ["UpDecoderBlock2D"] * n)
+  return cfg
+
+
+def _sd_conv(r, t, name, c_out, c_in, k):
+  t[f"{name}.weight"] = _w(r, c_out, c_in, k, k, scale=(c_in * k * k) ** -0.5)
+  t[f"{name}.bias"] = _w(r, c_out)
+
+
+def _sd_norm(r, t, name, c):
+  t[f"{name}.weight"], t[f"{name}.bias"] = _ln(r, c)
+
+
+def _sd_resnet(r, t, pre, c_in, c_out):
+  _sd_norm(r, t, f"{pre}.norm1", c_in)
+  _sd_conv(r, t, f"{pre}.conv1", c_out, c_in, 3)
+  _sd_norm(r, t, f"{pre}.norm2", c_out)
+  _sd_conv(r, t, f"{pre}.conv2", c_out, c_out, 3)
+  if c_in != c_out:
+    _sd_conv(r, t, f"{pre}.conv_shortcut", c_out, c_in, 1)
+
+
+def _sd_mid(r, t, pre, c, attention: bool, legacy: bool):
+  _sd_resnet(r, t, f"{pre}.resnets.0", c, c)
+  if attention:
+    names = (
+        ("query", "key", "value", "proj_attn") if legacy else ("to_q", "to_k", "to_v", "to_out.0")
+    )
+    _sd_norm(r, t, f"{pre}.attentions.0.group_norm", c)
+    for n_ in names:
+      t[f"{pre}.attentions.0.{n_}.weight"] = _w(r, c, c, scale=c**-0.5)
+      t[f"{pre}.attentions.0.{n_}.bias"] = _w(r, c)
+  _sd_resnet(r, t, f"{pre}.resnets.1", c, c)
+
+
+def write_tiny_sd_vae(path, seed: int = 0, legacy_keys: bool = False, **overrides) -> str:
+  """Writes config.json + diffusion_pytorch_model.safetensors of a tiny random SD VAE.
+
+  Key names are diffusers AutoencoderKL's; `legacy_keys` spells the mid-block attention
+  the old way (query/key/value/proj_attn instead of to_q/to_k/to_v/to_out.0).
+  """
+  cfg = tiny_sd_vae_config(**overrides)
+  r = _rng(seed)
+  widths, n = list(cfg["block_out_channels"]), cfg["layers_per_block"]
+  c, attn = cfg["latent_channels"], cfg["mid_block_add_attention"]
+  t: dict[str, np.ndarray] = {}
+  _sd_conv(r, t, "encoder.conv_in", widths[0], cfg["in_channels"], 3)
+  c_in = widths[0]
+  for i, width in enumerate(widths):
+    for j in range(n):
+      _sd_resnet(r, t, f"encoder.down_blocks.{i}.resnets.{j}", c_in, width)
+      c_in = width
+    if i != len(widths) - 1:
+      _sd_conv(r, t, f"encoder.down_blocks.{i}.downsamplers.0.conv", width, width, 3)
+  _sd_mid(r, t, "encoder.mid_block", widths[-1], attn, legacy_keys)
+  _sd_norm(r, t, "encoder.conv_norm_out", widths[-1])
+  _sd_conv(r, t, "encoder.conv_out", 2 * c, widths[-1], 3)
+  if cfg["use_quant_conv"]:
+    _sd_conv(r, t, "quant_conv", 2 * c, 2 * c, 1)
+  if cfg["use_post_quant_conv"]:
+    _sd_conv(r, t, "post_quant_conv", c, c, 1)
+  up = widths[::-1]
+  _sd_conv(r, t, "decoder.conv_in", up[0], c, 3)
+  _sd_mid(r, t, "decoder.mid_block", up[0], attn, legacy_keys)
+  c_in = up[0]
+  for i, width in enumerate(up):
+    for j in range(n + 1):
+      _sd_resnet(r, t, f"decoder.up_blocks.{i}.resnets.{j}", c_in, width)
+      c_in = width
+    if i != len(up) - 1:
+      _sd_conv(r, t, f"decoder.up_blocks.{i}.upsamplers.0.conv", width, width, 3)
+  _sd_norm(r, t, "decoder.conv_norm_out", widths[0])
+  _sd_conv(r, t, "decoder.conv_out", cfg["out_channels"], widths[0], 3)
+  return _write(path, cfg, t, name="diffusion_pytorch_model.safetensors")
+
+
 WRITERS = {
     "dinov2": write_tiny_dinov2,
     "qwen3": write_tiny_qwen3,
     "clip": write_tiny_clip,
     "lpips_vgg16": write_tiny_lpips_vgg16,
     "inception_fid": write_tiny_inception_fid,
+    "sd_vae": write_tiny_sd_vae,
 }
 
 

@@ -1,1 +1,2 @@
-"""INFD (papers/infd.txt): `autoencoder` (stage infd_ae) and `ldm` (stage infd_ldm)."""
+"""INFD (papers/infd.txt): `autoencoder` (stage infd_ae); its latent DDPM (stage infd_ldm) is
+the shared `infdiff.methods.latent_ddpm`."""

@@ -109,6 +109,22 @@ class Method(base.Method):
 
   inference_params = staticmethod(inference_params)
 
+  # --- the latent a latent DDPM models (infdiff.methods.latent_ddpm) -----------------
+  @property
+  def image_size(self) -> int:
+    """Encoder input side."""
+    return int(self.cfg.enc_size)
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    """(h, w, C) of one latent."""
+    s = self.image_size // 2 ** (len(self.cfg.ae.ch_mult) - 1)
+    return (s, s, int(self.cfg.ae.z_channels))
+
+  def encode_latent(self, tree, images):
+    """Pure: the un-quantised latent (KL: the mean) of [B, enc, enc, 3] images in [0, 1]."""
+    return self.model.apply({"params": tree}, images, method="encode")
+
   # --- data -----------------------------------------------------------------------
   def data_transform(self, split):
     del split

@@ -1,14 +1,23 @@
-"""INFD stage 2: a DDPM in the latent of a frozen `infd_ae` autoencoder (METHODS.md: INFD).
+"""A DDPM in the latent of a frozen autoencoder stage: INFD's stage 2 (`infd_ldm`, METHODS.md:
+INFD) and the latent generator InfGen decodes (`latent_ddpm`, configs/infgen.py).
 
-x_0 = scale_factor * E(I) is the un-quantised encoder output of the whole image resized to
-the encoder size (LDM's VQ-f4 recipe: the diffusion never sees the quantiser; decoding a
-sample quantises it first). The denoiser is the core ADM UNet predicting eps with the MSE
+x_0 = scale_factor * E(I) is the autoencoder's deterministic latent of the whole image
+resized to the encoder size (INFD: the un-quantised VQ-f4 output, LDM's recipe, so the
+diffusion never sees the quantiser and decoding a sample quantises it first; the SD-style
+VAE: the posterior mean). The denoiser is the core ADM UNet predicting eps with the MSE
 loss on uniform timesteps of a linear-beta schedule (`infdiff.diffusion.gaussian`).
 
 Sampling is DDIM (INFD: 200 steps, eta 1) on the latent grid, so its cost does not depend
-on the output size; the stage-1 decoder then gives the feature map phi once per sample and
-CLIF renders it at any size in static-shape tiles. The generator is also a
-`GuidablePrior`: `infdiff.guide` runs diffusion posterior sampling through it.
+on the output size. Samples are drawn by a `FieldAutoencoder` that reads this latent: the
+autoencoder's own (INFD: decoder to phi once per sample, then CLIF in static-shape tiles),
+or another stage that decodes the same latent at any size (`decoder_stage`: InfGen's
+decoder, its plug-in use on a latent generator). The generator is also a `GuidablePrior`
+when that autoencoder exposes `decode_fn` / `render_points_fn`: `infdiff.guide` runs
+diffusion posterior sampling through it.
+
+The autoencoder stage provides, on its `Method`: `image_size` (encoder input side),
+`latent_shape` (h, w, C), `inference_params(params)`, `encode_latent(tree, images)` (pure
+JAX, images in [0, 1]), `latent_stats()` and `make_inference({'model': tree}, aux)`.
 """
 
 from __future__ import annotations
@@ -26,24 +35,49 @@ from infdiff.diffusion import gaussian
 from infdiff.methods import base
 from infdiff.models.unet import UNet
 
-AE_STAGE = "infd_ae"
+AE_STAGE = "infd_ae"  # default autoencoder stage (INFD)
 
 
-def stage1_dir(config, workdir: str) -> str:
-  """The autoencoder run: `infd_ldm.stage1_workdir` if set, else the sibling stage."""
-  return runs.previous_stage_dir(config.infd_ldm.stage1_workdir, workdir, AE_STAGE)
+def stage1_dir(config, stage: str, workdir: str) -> str:
+  """The autoencoder run: `<stage>.stage1_workdir` if set, else the sibling stage."""
+  c = config[stage]
+  return runs.previous_stage_dir(c.stage1_workdir, workdir, c.get("autoencoder_stage", AE_STAGE))
 
 
-def load_autoencoder_run(path: str):
-  """The frozen `infd_ae` run at `path` (a run or its stage directory), or a one-line error."""
-  return runs.load_previous_stage(path, AE_STAGE, "infd_ldm", "infd_ldm.stage1_workdir")
+def load_autoencoder_run(config, stage: str, path: str):
+  """The frozen autoencoder run at `path` (a run or its stage directory), or one line."""
+  ae = config[stage].get("autoencoder_stage", AE_STAGE)
+  return runs.load_previous_stage(path, ae, stage, f"{stage}.stage1_workdir")
 
 
-def scale_by_std(stats: dict | None, where: str) -> float:
+def load_decoder(config, stage: str, workdir: str, ae_run):
+  """The `FieldAutoencoder` that draws this stage's latents.
+
+  `<stage>.decoder_stage` '' -> the autoencoder's own; else that stage's run, found at
+  `<stage>.decoder_workdir` or beside this stage, which must decode the same latent.
+  """
+  c = config[stage]
+  name = c.get("decoder_stage", "")
+  if not name:
+    return None
+  path = runs.previous_stage_dir(c.get("decoder_workdir", ""), workdir, name)
+  run = runs.load_previous_stage(path, name, stage, f"{stage}.decoder_workdir")
+  dec = run.inference()
+  want = tuple(ae_run.method.latent_shape[-1:])
+  have = tuple(getattr(dec, "latent_shape", want)[-1:])
+  if have != want:
+    raise ValueError(
+        f"{stage}.decoder_stage={name} decodes {have[0]}-channel latents, but "
+        f"{ae_run.stage} gives {want[0]} channels"
+    )
+  return dec
+
+
+def scale_by_std(stats: dict | None, where: str, stage: str = "infd_ldm") -> float:
   """1 / the overall std of the latent (all channels pooled), from per-channel statistics."""
   if stats is None:
     raise FileNotFoundError(
-        f"infd_ldm.scale_factor=0 needs the autoencoder's latent statistics; {where} has no "
+        f"{stage}.scale_factor=0 needs the autoencoder's latent statistics; {where} has no "
         "latent_stats.json (its training did not finish)"
     )
   mean, std = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
@@ -76,31 +110,34 @@ def make_schedule(cfg) -> gaussian.Schedule:
 
 
 class Method(base.Method):
-  """INFD's latent DDPM on a finished `infd_ae` run."""
+  """A latent DDPM on a finished autoencoder run (INFD's `infd_ae`, InfGen's `vae`)."""
 
   provides = (base.GENERATOR,)
 
   def __init__(self, config, stage, workdir, *, training=True):
     super().__init__(config, stage, workdir, training=training)
     c = self.cfg
-    self.ae_dir = stage1_dir(config, workdir)
-    ae_run = load_autoencoder_run(self.ae_dir)
+    self.ae_dir = stage1_dir(config, stage, workdir)
+    ae_run = load_autoencoder_run(config, stage, self.ae_dir)
     self.ae_method = ae_run.method
-    self.ae = ae_run.method.model
     self._ae_params = ae_run.method.inference_params(ae_run.params)
     self._ae_aux = ae_run.aux
-    s1 = ae_run.method.cfg
-    self.image_size = int(s1.enc_size)
-    down = 2 ** (len(s1.ae.ch_mult) - 1)
-    self.latent_side = self.image_size // down
-    self.channels = int(s1.ae.z_channels)
+    self.image_size = int(ae_run.method.image_size)
+    h, w, self.channels = (int(v) for v in ae_run.method.latent_shape)
+    if h != w:
+      raise ValueError(f"{stage} models square latents; {ae_run.stage} gives {h}x{w}")
+    self.latent_side = h
+    # The decoder of the samples: None = the autoencoder's own (built lazily, see _decoder).
+    self.decoder = load_decoder(config, stage, workdir, ae_run)
     levels = len(c.unet.channel_mult)
     if self.latent_side % 2 ** (levels - 1):
       raise ValueError(
           f"the {self.latent_side}x{self.latent_side} latent cannot be halved "
-          f"{levels - 1} times (infd_ldm.unet.channel_mult={tuple(c.unet.channel_mult)})"
+          f"{levels - 1} times ({stage}.unet.channel_mult={tuple(c.unet.channel_mult)})"
       )
-    self.scale = float(c.scale_factor) or scale_by_std(ae_run.method.latent_stats(), self.ae_dir)
+    self.scale = float(c.scale_factor) or scale_by_std(
+        ae_run.method.latent_stats(), self.ae_dir, stage
+    )
     self.schedule = make_schedule(c)
     self.unet = build_unet(c, self.latent_side, self.channels)
 
@@ -121,7 +158,7 @@ class Method(base.Method):
 
   def latent(self, aux, image):
     """The diffusion's x_0: scale_factor * un-quantised encoder output, no gradient."""
-    z = self.ae.apply({"params": aux["ae"]}, image, method="encode")
+    z = self.ae_method.encode_latent(aux["ae"], image)
     return jax.lax.stop_gradient(z.astype(jnp.float32) * self.scale)
 
   def loss(self, group, params, aux, batch, rng, step):
@@ -139,7 +176,7 @@ class Method(base.Method):
 
   # --- sampling ---------------------------------------------------------------------
   def make_inference(self, params, aux, **options):
-    """`LatentDDPM` (options: num_steps, eta, batch_size, tile; defaults: infd_ldm.sample)."""
+    """`LatentDDPM` (options: num_steps, eta, batch_size, tile; defaults: <stage>.sample)."""
     allowed = {"num_steps", "eta", "batch_size", "tile"}
     unknown = sorted(set(options) - allowed)
     if unknown:
@@ -161,7 +198,7 @@ class Method(base.Method):
 
 
 class LatentDDPM(base.LatentGenerator, base.GuidablePrior):
-  """Unconditional INFD sampler: DDIM in the latent, then the autoencoder's tiled render."""
+  """Unconditional sampler: DDIM in the latent, then the decoder's tiled render."""
 
   conditional = False
 
@@ -255,5 +292,8 @@ class LatentDDPM(base.LatentGenerator, base.GuidablePrior):
 
 
 def _autoencoder(method, aux):
-  """The stage-1 `FieldAutoencoder` on the frozen autoencoder parameters in `aux`."""
+  """The `FieldAutoencoder` that draws the samples: the decoder stage's if the config names
+  one, else the autoencoder's own on the frozen parameters in `aux`."""
+  if method.decoder is not None:
+    return method.decoder
   return method.ae_method.make_inference({"model": aux["ae"]}, method._ae_aux)

@@ -1,0 +1,35 @@
+"""LPIPS as an optional training term, loaded from the stage config's local checkpoint."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+class LPIPSTerm:
+  """`<stage>.lpips_weight` x LPIPS(pred, target) when the weight is positive.
+
+  Training-only: built with training=False (inference) it loads nothing. A positive
+  weight without `<stage>.lpips_path` is a one-line ValueError naming both fields.
+  """
+
+  def __init__(self, cfg, stage: str, training: bool, fallback: str = "L1 only"):
+    self.weight = float(cfg.get("lpips_weight", 0.0))
+    self.model = self.params = None
+    if self.weight <= 0 or not training:
+      return
+    if not cfg.get("lpips_path", ""):
+      raise ValueError(
+          f"{stage}.lpips_weight > 0 needs {stage}.lpips_path (a VGG16-LPIPS checkpoint "
+          f"directory); set {stage}.lpips_weight=0 to train with {fallback}"
+      )
+    from infdiff import pretrained
+
+    self.model, self.params = pretrained.load("lpips_vgg16", cfg.lpips_path)
+
+  @property
+  def active(self) -> bool:
+    return self.model is not None
+
+  def __call__(self, params, pred, target):
+    """Mean LPIPS of [B, H, W, 3] images in [0, 1]; `params` is this term's aux entry."""
+    return jnp.mean(self.model.apply(params, pred.astype(jnp.float32), target))
