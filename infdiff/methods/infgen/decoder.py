@@ -21,6 +21,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from infdiff import runs
@@ -145,6 +146,27 @@ class Method(base.Method):
     for k in (1, 2):
       out[f"infgen/render_{k}x"] = ae.render(z, k * s, k * s).clip(0.0, 1.0)
     return out
+
+  def finalize(self, ctx):
+    """Held-out images and their decodes at 1x, 2x and 4x the encoder input, as grids in
+    workdir/../samples (decode_input.png, decode_<s>x<s>.png)."""
+    from infdiff import sampling
+    from infdiff.evaluators import common
+
+    ae = self.inference(ctx.state.ema or ctx.state.params, ctx.aux)
+    source = common.held_out_source(self.config.data)
+    r = int(self.cfg.enc_size)
+    n = min(8, len(source))
+    images = np.stack(
+        [common.square_crop(source, j, r, np.random.default_rng([0, j])) for j in range(n)]
+    )
+    out = os.path.join(os.path.dirname(os.path.normpath(self.workdir)), "samples")
+    sampling.save_grid(os.path.join(out, "decode_input.png"), images)
+    z = ae.encode(images)
+    for k in (1, 2, 4):
+      s = k * r
+      sampling.save_grid(os.path.join(out, f"decode_{s}x{s}.png"), ae.render(z, s, s))
+    logging.info("[%s] held-out decodes at 1x, 2x, 4x written to %s", self.stage, out)
 
   def make_inference(self, params, aux, *, tile=None, batch=None):
     """`pipeline.InfGenAutoencoder` of these parameters."""
