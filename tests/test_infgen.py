@@ -278,6 +278,7 @@ def test_infgen_on_a_stable_diffusion_vae_directory(tmp_path):
   from infdiff.pretrained import testing
 
   vae = testing.write_tiny("sd_vae", tmp_path / "sd_vae", block_out_channels=[8, 8, 8, 8])
+  lpips = testing.write_tiny("lpips_vgg16", tmp_path / "lpips")
   w = tmp_path / "w"
   run_main(
       w,
@@ -285,6 +286,8 @@ def test_infgen_on_a_stable_diffusion_vae_directory(tmp_path):
       "--config.stages=('infgen',)",
       "--config.infgen.vae_source=sd",
       f"--config.infgen.vae_path={vae}",
+      "--config.infgen.lpips_weight=1.0",  # the paper-scale loss: L1 + LPIPS
+      f"--config.infgen.lpips_path={lpips}",
   )
   from infdiff import runs
 

@@ -33,3 +33,16 @@ class LPIPSTerm:
   def __call__(self, params, pred, target):
     """Mean LPIPS of [B, H, W, 3] images in [0, 1]; `params` is this term's aux entry."""
     return jnp.mean(self.model.apply(params, pred.astype(jnp.float32), target))
+
+  def with_l1(self, aux, pred, target):
+    """(L1 on the [-1, 1] scale + weight x LPIPS, metrics) of [0, 1] images: the
+    reconstruction term of LDM-style autoencoders. `aux` holds this term's 'lpips' entry."""
+    pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
+    l1 = 2.0 * jnp.mean(jnp.abs(pred - target))
+    metrics = {"l1": l1}
+    loss = l1
+    if self.active:
+      lp = self(aux["lpips"], pred, target)
+      metrics["lpips"] = lp
+      loss = loss + self.weight * lp
+    return loss, metrics

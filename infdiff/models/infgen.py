@@ -151,6 +151,10 @@ class InfGenDecoder(nn.Module):
   tail_norm: str = "group"  # 'group' (SD blocks) or 'layer' (per-pixel; exact tiles)
   mid_attention: bool = True  # attention in the mid block (SD's UNetMidBlock2D)
   query_chunk: int = 4096  # mask tokens per cross-attention chunk
+  # 'none' (the paper's mask tokens) or 'bicubic': each mask token also gets the bicubic
+  # interpolation of the latent tokens' conv_in features at its centre (not in InfGen; a
+  # local shortcut, so tiles stay exact)
+  query_init: str = "none"
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # parameter dtype
 
@@ -241,6 +245,7 @@ class InfGenDecoder(nn.Module):
     h, w = latent.shape[1:3]
     y = conv(d, 3, dt, pdt, name="post_quant_conv")(latent.astype(dt))
     y = conv(d, 3, dt, pdt, name="conv_in")(y)
+    feats = y  # [B, h, w, D]
     y = (y + position(jnp.asarray(fields.coord_grid(h, w)))).reshape(b, h * w, d)
     # Mask tokens [B, H/f * W/f, D]: a learned vector + the code of the block centre.
     centres = block_centres(coords, f)  # [B, H/f, W/f, 2]
@@ -248,6 +253,11 @@ class InfGenDecoder(nn.Module):
     init = nn.initializers.normal(0.02)
     mask_token = self.param("mask_token", nn.with_logical_partitioning(init, ("embed",)), (d,), pdt)
     x = mask_token.astype(dt) + position(centres).reshape(b, gh * gw, d)
+    if self.query_init == "bicubic":
+      base = fields.interpolate_latent(feats.astype(jnp.float32), centres, "bicubic")
+      x = x + base.astype(dt).reshape(b, gh * gw, d)
+    elif self.query_init != "none":
+      raise ValueError(f"query_init must be 'none' or 'bicubic', got {self.query_init!r}")
     for i in range(self.depth):
       x = CrossBlock(d, self.heads, self.mlp_ratio, self.query_chunk, dt, pdt, name=f"cross_{i}")(
           x, y

@@ -48,6 +48,7 @@ def build_decoder(cfg, latent_channels: int) -> InfGenDecoder:
       tail_norm=str(d.tail_norm),
       mid_attention=bool(d.mid_attention),
       query_chunk=int(d.query_chunk),
+      query_init=str(d.get("query_init", "none")),
       dtype=jnp.dtype(cfg.dtype),
   )
 
@@ -127,14 +128,7 @@ class Method(base.Method):
     del group, step
     y = self.latent(aux, batch["image"], rng)
     rgb = self.decoder.apply({"params": params["model"]}, y, batch["coord"], batch["cell"])
-    target = batch["target"].astype(jnp.float32)
-    l1 = 2.0 * jnp.mean(jnp.abs(rgb - target))  # on the [-1, 1] scale, as the VAE's
-    loss, metrics = l1, {"l1": l1}
-    if self.lpips.active:
-      lp = self.lpips(aux["lpips"], rgb, target)
-      metrics["lpips"] = lp
-      loss = loss + self.lpips.weight * lp
-    return loss, metrics
+    return self.lpips.with_l1(aux, rgb, batch["target"])
 
   def summaries(self, params, aux, batch, rng):
     del rng

@@ -98,15 +98,9 @@ class Method(base.Method):
     mean, logvar = post["mean"], post["logvar"]
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     rec = self.model.apply(v, z, method=self.model.decode).astype(jnp.float32)
-    l1 = 2.0 * jnp.mean(jnp.abs(rec - x))  # on the [-1, 1] scale, as LDM
+    loss, metrics = self.lpips.with_l1(aux, rec, x)  # L1 on [-1, 1] (+ LPIPS)
     kl = jnp.mean(kl_divergence(mean, logvar))
-    loss = l1 + float(c.kl_weight) / (x.shape[1] * x.shape[2] * 3) * kl
-    metrics = {"l1": l1, "kl": kl}
-    if self.lpips.active:
-      lp = self.lpips(aux["lpips"], rec, x)
-      metrics["lpips"] = lp
-      loss = loss + self.lpips.weight * lp
-    return loss, metrics
+    return loss + float(c.kl_weight) / (x.shape[1] * x.shape[2] * 3) * kl, {**metrics, "kl": kl}
 
   def summaries(self, params, aux, batch, rng):
     del rng
