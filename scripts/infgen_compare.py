@@ -11,9 +11,9 @@ input side and z the posterior mean of the r x r image:
                  (interpolating the generated image: the supplement's Figs. 10-13).
   vae(latent↑)   the VAE's decoder on z bicubically upsampled to k times its side
                  (interpolating the latent).
-Columns: PSNR and SSIM against the ground truth at (k r)^2, and sharpness, the mean
-gradient magnitude of the output divided by that of the ground truth (1 = as sharp as the
-truth, < 1 blurred). Writes W/eval/infgen_compare.json.
+Columns: PSNR and SSIM against the ground truth at (k r)^2, and sharpness, the gradient
+energy (mean squared finite difference) of the output over that of the ground truth
+(1 = edges as steep as the truth's, < 1 blurred, > 1 ringing or noise). Writes W/eval/infgen_compare.json.
 """
 
 from __future__ import annotations
@@ -35,17 +35,24 @@ flags.DEFINE_string("workdir", None, "Run directory with an infgen stage.")
 flags.DEFINE_integer("num", 32, "Held-out images.")
 flags.DEFINE_list("scales", ["1", "2", "4"], "Output scales k (output side k r).")
 flags.DEFINE_integer("seed", 0, "Crop seed.")
+flags.DEFINE_string(
+    "figure",
+    "",
+    "Also write a figure here: ground truth, InfGen and VAE + bicubic at the largest scale for 4 images, and 4 generated samples decoded by InfGen.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
 def sharpness(img: np.ndarray, ref: np.ndarray) -> float:
-  """Mean gradient magnitude of `img` over that of `ref` ([N, H, W, 3])."""
+  """Gradient energy of `img` over that of `ref` ([N, H, W, 3]): mean squared finite
+  difference. A step edge blurred over w pixels keeps its total variation but its energy
+  falls as 1 / w, so blur gives < 1; ringing and noise give > 1."""
 
-  def grad(x):
+  def energy(x):
     gy, gx = np.diff(x, axis=1)[:, :, :-1], np.diff(x, axis=2)[:, :-1]
-    return float(np.mean(np.sqrt(gy**2 + gx**2)))
+    return float(np.mean(gy**2 + gx**2))
 
-  return grad(img) / max(grad(ref), 1e-12)
+  return energy(img) / max(energy(ref), 1e-12)
 
 
 def vae_of(path: str):
@@ -54,7 +61,7 @@ def vae_of(path: str):
   return pipeline.VAEAutoencoder(run.method.vae, run.method._vae_params, run.method.cfg.enc_size)
 
 
-def compare(workdir: str, num: int, scales, seed: int = 0) -> dict:
+def compare(workdir: str, num: int, scales, seed: int = 0, figure: str = "") -> dict:
   ae = runs.load_run(workdir, "infgen").inference()
   vae = vae_of(workdir)
   r = ae.input_size[0]
@@ -91,13 +98,33 @@ def compare(workdir: str, num: int, scales, seed: int = 0) -> dict:
       row[f"{name} ssim"] = float(np.mean(np.asarray(metrics.ssim(img, gt))))
       row[f"{name} sharp"] = sharpness(img, gt)
     rows[f"{k}x ({s}^2)"] = row
+    if figure and k == max(scales):
+      write_figure(figure, workdir, gt[:4], outs["infgen"][:4], outs["vae+bicubic"][:4], s)
   return {"rows": rows, "num": n, "enc_size": r, "latent": list(z.shape[1:])}
+
+
+def write_figure(path, workdir, gt, infgen, bicubic, side):
+  """Rows: truth, InfGen, VAE + bicubic (held-out), then generated samples via InfGen."""
+  from infdiff import sampling
+
+  gen = runs.load_generator(workdir)
+  samples = gen.render(gen.latents([""], num=4, seed=0), side, side)
+  rows = [gt, infgen, bicubic, samples]
+  gap = 4
+  n = len(gt)
+  canvas = np.ones((4 * side + 3 * gap, n * side + (n - 1) * gap, 3), np.float32)
+  for i, row in enumerate(rows):
+    for j, img in enumerate(row):
+      y, x = i * (side + gap), j * (side + gap)
+      canvas[y : y + side, x : x + side] = np.clip(img, 0.0, 1.0)
+  sampling.save_png(path, canvas)
+  print(f"wrote {path}")
 
 
 def main(argv):
   del argv
   scales = [int(k) for k in FLAGS.scales]
-  out = compare(FLAGS.workdir, FLAGS.num, scales, FLAGS.seed)
+  out = compare(FLAGS.workdir, FLAGS.num, scales, FLAGS.seed, FLAGS.figure)
   names = ("infgen", "vae+bicubic", "vae(latent↑)")
   print(f"{out['num']} held-out images, VAE input {out['enc_size']}^2, latent {out['latent']}")
   print("| scale | " + " | ".join(f"{m} PSNR / SSIM / sharp" for m in names) + " |")

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import test_infd
+import test_infgen
 import test_infty_diff
 import test_patch_dm
 import test_stage2
@@ -30,12 +31,14 @@ TINY = {
     # the demo is unconditional (one stage); the tiny list conditions on a latent z
     "infty_diff": [*test_infty_diff.TINY, *test_infty_diff.steps(2), "infty_diff.z_dim=0"],
     "patch_dm": [*test_patch_dm.TINY, *test_patch_dm.steps(2)],
+    "infgen": [*test_infgen.TINY, *test_infgen.steps(2)],
 }
 EXPECTED_METRICS = {
     "rapd": ("recon", "shapes_eval"),
     "infd": ("recon", "swd"),
     "infty_diff": ("swd",),
     "patch_dm": ("seams",),
+    "infgen": ("recon", "swd"),
 }
 GUIDABLE = ("infd", "infty_diff", "patch_dm")  # RaPD's generator is not a guidable prior
 SIZES = {"patch_dm": "[(16, 16), (32, 16)]"}  # Patch-DM: multiples of its tiny patch

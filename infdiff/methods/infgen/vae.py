@@ -87,7 +87,17 @@ class Method(base.Method):
     return {"lpips": self.lpips.params} if training and self.lpips.active else {}
 
   def init(self, rng, batch):
-    return {"model": self.model.init(rng, batch["image"])["params"]}
+    params = self.model.init(rng, batch["image"])["params"]
+    b0 = float(self.cfg.get("logvar_init", 0.0))
+    if b0 and self.model.use_quant_conv:
+      # The log-variance half of quant_conv's bias starts at logvar_init (not SD's): a
+      # posterior std of 1 at step 0 buries a short run's latent in sampling noise.
+      bias = params["quant_conv"]["bias"]
+      unboxed = getattr(bias, "value", bias)
+      c = self.model.latent_channels
+      new = unboxed.at[c:].set(b0)
+      params["quant_conv"]["bias"] = bias.replace_boxed(new) if hasattr(bias, "value") else new
+    return {"model": params}
 
   def loss(self, group, params, aux, batch, rng, step):
     del group, step
