@@ -22,8 +22,6 @@ from ml_collections import config_flags
 
 from infdiff import utils
 
-METHODS = ("rapd", "infd", "infty_diff", "patch_dm")  # configs/<method>.py
-
 utils.quiet_library_logs_everywhere()  # checkpoint internals log ~20 lines per save
 
 
@@ -32,9 +30,16 @@ def repo_root() -> str:
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def methods() -> tuple[str, ...]:
+  """The method names: one per `configs/<method>.py` of the checkout."""
+  d = os.path.join(repo_root(), "configs")
+  names = os.listdir(d) if os.path.isdir(d) else []
+  return tuple(sorted(n[:-3] for n in names if n.endswith(".py") and not n.startswith("_")))
+
+
 def config_spec(method: str, preset: str = "demo") -> str:
   """'rapd' -> '<repo>/configs/rapd.py:demo'; a path (with ':preset' or not) is kept."""
-  if method in METHODS:
+  if method in methods():
     path = os.path.join(repo_root(), "configs", f"{method}.py")
     return f"{path}:{preset}" if preset else path
   return method
@@ -44,7 +49,7 @@ def load_config(method: str, overrides: Sequence[str] = (), preset: str = "demo"
   """The config `python -m infdiff.main --config=SPEC --config.KEY=VALUE ...` would train.
 
   Args:
-    method: one of `METHODS` (its `configs/<method>.py`) or a config spec
+    method: one of `methods()` (its `configs/<method>.py`) or a config spec
       'path/to/config.py:preset'.
     overrides: 'key=value' strings (or full '--config.key=value' flags), parsed exactly
       as on the command line; a typo is the same one-line error.
