@@ -127,7 +127,7 @@ class Method(base.Method):
     if h != w:
       raise ValueError(f"{stage} models square latents; {ae_run.stage} gives {h}x{w}")
     self.latent_side = h
-    # The decoder of the samples: None = the autoencoder's own (built lazily, see _decoder).
+    # The decoder of the samples: None = the autoencoder's own (`_autoencoder` builds it).
     self.decoder = load_decoder(config, stage, workdir, ae_run)
     levels = len(c.unet.channel_mult)
     if self.latent_side % 2 ** (levels - 1):
