@@ -143,6 +143,13 @@ AUTOENCODER = "autoencoder"
 GENERATOR = "generator"
 
 
+def pad_batch(x: np.ndarray, b: int) -> np.ndarray:
+  """`x` [n, ...] padded to b rows by repeating its last row (static shapes: one compile)."""
+  if len(x) == b:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], b - len(x), axis=0)])
+
+
 class FieldAutoencoder(abc.ABC):
   """Images -> latent -> images at any size (RaPD stage 1; INFD's autoencoder; InfGen).
 
@@ -182,8 +189,7 @@ class FieldAutoencoder(abc.ABC):
     out = []
     for s in range(0, len(images), batch):
       chunk = images[s : s + batch]
-      pad = np.repeat(chunk[-1:], batch - len(chunk), axis=0)
-      z = encode_fn(params, np.concatenate([chunk, pad]) if len(pad) else chunk)
+      z = encode_fn(params, pad_batch(chunk, batch))
       out.append(np.asarray(z)[: len(chunk)])
     return np.concatenate(out)
 

@@ -27,12 +27,6 @@ DEFAULT_TILE = 256  # render tile side when the caller gives none (INFD: 256)
 DEFAULT_BATCH = 8  # latents per compiled encode/decode call
 
 
-def _pad_batch(x: np.ndarray, b: int) -> np.ndarray:
-  if len(x) == b:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], b - len(x), axis=0)])
-
-
 def to_unit(rgb: jax.Array) -> jax.Array:
   """The model's [-1, 1] image scale -> [0, 1] (not clipped)."""
   return (rgb + 1.0) * 0.5
@@ -127,7 +121,7 @@ class Autoencoder(base.FieldAutoencoder):
       for s in range(0, n, b):
         chunk = np.asarray(latents[s : s + b], np.float32)
         k = len(chunk)
-        phi = self._decode(self.params, jnp.asarray(_pad_batch(chunk, b)))  # [b, H', W', F]
+        phi = self._decode(self.params, jnp.asarray(base.pad_batch(chunk, b)))  # [b, H', W', F]
         if k == b:
           render_lib.render_image(
               self.renderer, variables, phi, height, width, tile=tile, out=out[s : s + k]

@@ -27,12 +27,6 @@ DEFAULT_TILE = 256  # render tile side (output pixels) when the caller gives non
 DEFAULT_BATCH = 8  # latents per compiled encode / decode call
 
 
-def _pad_batch(x: np.ndarray, b: int) -> np.ndarray:
-  if len(x) == b:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], b - len(x), axis=0)])
-
-
 class FrozenEncoder:
   """The SD-layout VAE's encoder as a pure function: images in [0, 1] -> mean, logvar."""
 
@@ -89,7 +83,7 @@ class VAEAutoencoder(_Encoding):
     b = max(1, min(self.batch, len(latents)))
     for s in range(0, len(latents), b):
       chunk = np.asarray(latents[s : s + b], np.float32)
-      x = self._decode(self.params, jnp.asarray(_pad_batch(chunk, b)))
+      x = self._decode(self.params, jnp.asarray(base.pad_batch(chunk, b)))
       out.append(np.asarray(x)[: len(chunk)])
     return np.concatenate(out)
 

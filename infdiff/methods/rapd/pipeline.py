@@ -21,12 +21,6 @@ DEFAULT_TILE = 128  # render tile side when the caller gives none
 DEFAULT_BATCH = 8  # latents per compiled encode/render call
 
 
-def _pad_batch(x: np.ndarray, b: int) -> np.ndarray:
-  if len(x) == b:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], b - len(x), axis=0)])
-
-
 class Autoencoder(base.FieldAutoencoder):
   """RaPD stage 1 (any of its renderers): EDSR encoder, tiled field renderer.
 
