@@ -47,6 +47,12 @@ setup(
             "matplotlib>=3.9,<4",
             "ipykernel>=6.29,<8",
         ],
+        # The GPU path (Pallas kernels through Triton, cuDNN attention), at the locked JAX:
+        # pip install -r requirements-lock.txt && pip install -e .[gpu]
+        "gpu": [
+            "jax[cuda12]==0.10.2",
+            "jax-triton==0.3.1",
+        ],
         # Only for scripts/make_parity_fixtures.py: the canonical PyTorch references.
         "parity": [
             "torch==2.14.1",

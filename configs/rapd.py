@@ -47,6 +47,7 @@ def renderer_config(name: str, demo: bool) -> ml_collections.ConfigDict:
     # Locality prior of the relative bias at init (0 = Swin's init). A short CPU run gained
     # ~0.3-0.5 dB PSNR from starting local (measured at batch 8 x 1500 steps, no rgb_base).
     r.rpb_init_slope = 1.0 if demo else 0.0
+    r.attention_impl = "xla"  # 'pallas': fused window-attention kernel (GPU; same params)
   elif name == "liif":
     r.hidden = (64, 64) if demo else (256, 256, 256, 256)  # MLP widths (LIIF: 4 x 256)
     r.unfold = True  # 3x3 feature unfolding (LIIF's default feat_unfold)
@@ -134,7 +135,7 @@ def stage2_config(p) -> ml_collections.ConfigDict:
           text_blocks=1 if demo else 4,  # B.5: 4 text-refinement blocks
           mlp_ratio=4.0,  # SwiGLU expansion (choice)
           repa_block=2 if demo else 8,  # REPA on block-8 features (METHODS.md)
-          attention_impl="xla",  # 'xla' reference or 'jax' (fused dot_product_attention)
+          attention_impl="xla",  # 'xla', 'jax' (jax.nn), 'cudnn' or 'pallas' (GPU/TPU flash)
           remat=not demo,  # rematerialise blocks to save activation memory at scale
       )
   )

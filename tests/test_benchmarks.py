@@ -63,3 +63,21 @@ def test_subsampling_reports_finite_ratios_and_the_final_line(capsys):
   assert out["memory_reduction"][1] == pytest.approx(1.0)
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert re.fullmatch(r"subsampling 2x: speedup=[0-9.]+ memory_reduction=[0-9.]+", last), last
+
+
+def test_kernels_benchmark_says_no_gpu_in_one_line_and_runs_tiny_interpreted(capsys):
+  from benchmarks import kernels as kernel_bench
+  from infdiff import kernels
+
+  assert kernel_bench.main([]) == 0
+  assert capsys.readouterr().out.strip() == (
+      "benchmarks.kernels: no GPU here (backend 'cpu'); nothing to time."
+  )
+  with kernels.interpret(True):
+    assert kernel_bench.main(["--tiny", "--repeats", "1"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  rows = [ln.split() for ln in lines[2:]]
+  assert "failed:" not in " ".join(lines), lines
+  # Every case timed for both implementations; the kernel rows carry the two ratios.
+  pallas = [r for r in rows if r[-5] == "pallas"]
+  assert len(pallas) == 4 and all(float(x) > 0 for r in pallas for x in r[-4:]), lines

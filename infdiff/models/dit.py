@@ -157,7 +157,9 @@ class DiT(nn.Module):
   rope_theta: float = 10000.0  # RoPE base period
   time_scale: float = 1000.0  # t in [0, 1] is scaled by this before the sinusoid (choice)
   time_freq_dim: int = 256  # width of the sinusoidal timestep features
-  attention_impl: str = "xla"  # "xla" reference or "jax" (jax.nn.dot_product_attention)
+  # "xla" reference, "jax" (jax.nn.dot_product_attention), "cudnn" or "pallas" (flash
+  # attention on GPU/TPU; layers.dot_product_attention)
+  attention_impl: str = "xla"
   remat: bool = False  # rematerialise each block in the backward pass (saves memory)
   dtype: Dtype = jnp.float32  # compute dtype (bf16 in the paper)
   param_dtype: Dtype = jnp.float32  # parameter dtype
@@ -179,6 +181,7 @@ class DiT(nn.Module):
       v [B, h, w, C] float32, or (v, repa_features [B, N, width]) with N = hw / p^2.
     """
     del train
+    layers.check_attention_impl(self.attention_impl)
     b, h, w, c = x.shape
     if c != self.in_channels:
       raise ValueError(f"expected {self.in_channels} latent channels, got {c}")

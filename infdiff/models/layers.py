@@ -48,7 +48,12 @@ def dot_product_attention(q, k, v, mask=None, impl: str = "xla"):
     v: [B, Lk, H, D] values.
     mask: optional [B, Lk] bool, True where the key is a real token.
     impl: "xla" for the einsum-softmax reference, "jax" for `jax.nn.dot_product_attention`
-      (lets XLA pick a fused kernel on GPU).
+      (lets XLA pick a fused kernel on GPU), "cudnn" for its cuDNN flash attention (GPU
+      only), "pallas" for the flash-attention kernels JAX ships under
+      `jax.experimental.pallas.ops` (Triton on GPU, Mosaic on TPU; interpret mode in tests,
+      `infdiff.kernels`). The Pallas kernels take no key mask across two sequences, so
+      masked attention (text tokens, a few dozen) runs through `jax.nn.dot_product_attention`
+      under "pallas"; the image tokens' self-attention, the long one, runs in the kernel.
 
   Returns:
     [B, Lq, H, D] in q's dtype. Queries whose keys are all masked get zeros, so an
@@ -63,15 +68,67 @@ def dot_product_attention(q, k, v, mask=None, impl: str = "xla"):
       logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-  elif impl == "jax":
+  elif impl in ("jax", "cudnn") or (impl == "pallas" and mask is not None):
     bias_mask = None if mask is None else mask[:, None, None, :]
-    out = jax.nn.dot_product_attention(q, k, v, mask=bias_mask, scale=scale)
+    backend = "cudnn" if impl == "cudnn" else None
+    out = jax.nn.dot_product_attention(q, k, v, mask=bias_mask, scale=scale, implementation=backend)
+  elif impl == "pallas":
+    out = _pallas_flash_attention(q, k, v, scale)
   else:
     raise ValueError(f"unknown attention impl {impl!r}")
   if mask is not None:
     # A row with no valid key would otherwise average the (padding) values.
     out = out * jnp.any(mask, axis=-1)[:, None, None, None].astype(out.dtype)
   return out
+
+
+ATTENTION_IMPLS = ("xla", "jax", "cudnn", "pallas")
+
+
+def check_attention_impl(impl: str, option: str = "attention_impl") -> str:
+  """Validates a dense-attention switch: one line when the choice cannot run here."""
+  from infdiff import kernels
+
+  if impl == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
+    raise ValueError(
+        f"{option}='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()!r});"
+        f" use {option}='xla' or 'jax'"
+    )
+  return kernels.check_impl(option, impl, ATTENTION_IMPLS)
+
+
+def _flash_block(n: int) -> int:
+  """The largest power of two <= 128 dividing n (the Pallas kernels tile the sequence)."""
+  for b in (128, 64, 32, 16):
+    if n % b == 0:
+      return b
+  raise ValueError(
+      f"attention_impl='pallas' needs sequence lengths that are multiples of 16, got {n}; "
+      "use attention_impl='jax'"
+  )
+
+
+def _pallas_flash_attention(q, k, v, scale):
+  """Unmasked [B, L, H, D] attention through the Pallas flash-attention ops JAX ships."""
+  from infdiff import kernels
+
+  kernels.check_impl("attention_impl", "pallas", ATTENTION_IMPLS)
+  bq, bk = _flash_block(q.shape[1]), _flash_block(k.shape[1])
+  if jax.default_backend() == "tpu":
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_fa
+
+    t = lambda a: jnp.swapaxes(a, 1, 2)  # the TPU kernel is head-major
+    sizes = tpu_fa.BlockSizes.get_default()
+    out = tpu_fa.flash_attention(t(q), t(k), t(v), sm_scale=scale, block_sizes=sizes)
+    return t(out)
+  from jax.experimental.pallas.ops.gpu import attention as gpu_fa
+
+  sizes = gpu_fa.BlockSizes(
+      block_q=bq, block_k=bk, block_q_dkv=bq, block_kv_dkv=bk, block_q_dq=bq, block_kv_dq=bk
+  )
+  return gpu_fa.mha(
+      q, k, v, None, sm_scale=scale, block_sizes=sizes, interpret=kernels.interpret_mode()
+  )
 
 
 def rope_2d(h: int, w: int, head_dim: int, theta: float = 10000.0):

@@ -126,6 +126,7 @@ class CQAR(nn.Module):
   window: int = 8  # window size w, even (Table 5: 8)
   expansion: int = 4  # gated FFN expansion factor (choice)
   rpb_init_slope: float = 0.0  # locality prior of the relative bias at init (choice; 0 = Swin)
+  attention_impl: str = "xla"  # window attention: 'xla' | 'pallas' (infdiff/kernels)
   rgb_base: str = "none"  # residual base: 'none' | 'bilinear' | 'bicubic' (choice)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
@@ -166,6 +167,7 @@ class CQAR(nn.Module):
           shift=(self.window // 2) if i % 2 else 0,
           expansion=self.expansion,
           rpb_init_slope=self.rpb_init_slope,
+          attention_impl=self.attention_impl,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name=f"block{i}",

@@ -46,6 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from infdiff import kernels
+from infdiff.kernels import sparse_conv
 from infdiff.models import layers, sparse
 from infdiff.models.layers import Dtype
 from infdiff.models.unet import ACTIVATIONS, Conditioning, UNet
@@ -63,6 +65,7 @@ class SparseBlock(nn.Module):
   channels: int
   kernel_size: int = 7
   mlp_mult: int = 2
+  sparse_conv_impl: str = "xla"  # 'xla' | 'pallas' (infdiff.kernels.sparse_conv)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -94,6 +97,7 @@ class SparseBlock(nn.Module):
     kernel is the mean of the one trained at subsampling `match_rate`
     (`sparse.density_matched_kernel`; 1.0: the kernel as trained)."""
     c, dt, pdt, k = self.channels, self.dtype, self.param_dtype, self.kernel_size
+    impl = kernels.check_impl("sparse_conv_impl", self.sparse_conv_impl)
     u = layers.layer_norm(dt, pdt, epsilon=1e-6, name="norm1")(h)
     u = self._modulate(u, emb, zemb, "mod1")
     kernel = self.param(
@@ -113,7 +117,7 @@ class SparseBlock(nn.Module):
       v = sparse.dense_depthwise_conv(grid, kernel).reshape(b, height * width, c)
     else:
       kernel = sparse.resize_kernel(jnp.asarray(kernel, dt), kh, kw)
-      v = sparse.sparse_depthwise_conv(u, kernel, points, height, width)
+      v = sparse_conv.sparse_depthwise_conv(u, kernel, points, height, width, impl=impl)
     h = h + v + jnp.asarray(bias, dt)
     u = layers.layer_norm(dt, pdt, epsilon=1e-6, name="norm2")(h)
     u = self._modulate(u, emb, zemb, "mod2")
@@ -172,6 +176,8 @@ class SparseOperatorUNet(nn.Module):
   dropout_resolution: int = 16  # dropout at grid sides <= this
   z_dim: int = 0  # diffusion-autoencoder latent width (0: unconditional)
   out_channels: int = 3
+  # The sparse depthwise convolution: 'xla' (reference) or 'pallas' (GPU kernels).
+  sparse_conv_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -189,7 +195,9 @@ class SparseOperatorUNet(nn.Module):
     if self.z_dim:
       zemb = _gelu(layers.dense(4 * nf, (None, "embed"), dt, pdt, name="z_0")(z.astype(dt)))
 
-    block = lambda name: SparseBlock(nf, self.kernel_size, dtype=dt, name=name)
+    block = lambda name: SparseBlock(
+        nf, self.kernel_size, sparse_conv_impl=self.sparse_conv_impl, dtype=dt, name=name
+    )
     common = dict(emb=emb, zemb=zemb, kernel_hw=kernel_hw, dense=dense, match_rate=self.train_rate)
     h = layers.dense(nf, (None, "embed"), dt, pdt, name="in_proj")(x.astype(dt))
     skips = []
@@ -230,6 +238,7 @@ class SparseEncoder(nn.Module):
   num_res_blocks: int = 2
   attention_resolutions: Sequence[int] = (16, 8)
   head_channels: int = 0
+  sparse_conv_impl: str = "xla"  # as SparseOperatorUNet's
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -239,9 +248,9 @@ class SparseEncoder(nn.Module):
     kernel_hw = kernel_size_at(self.kernel_size, height, width, self.train_side)
     h = layers.dense(nf, (None, "embed"), dt, pdt, name="in_proj")(x.astype(dt))
     for i in range(self.num_blocks):
-      h = SparseBlock(nf, self.kernel_size, dtype=dt, name=f"down_{i}")(
-          h, points, height, width, kernel_hw=kernel_hw, dense=dense, match_rate=self.train_rate
-      )
+      h = SparseBlock(
+          nf, self.kernel_size, sparse_conv_impl=self.sparse_conv_impl, dtype=dt, name=f"down_{i}"
+      )(h, points, height, width, kernel_hw=kernel_hw, dense=dense, match_rate=self.train_rate)
     g = layers.dense(self.grid_channels, ("embed", None), dt, pdt, name="to_grid")(h)
     g = sparse.points_to_grid(g, points, height, width, self.grid_size, self.grid_size, k=self.knn)
     unet = _grid_unet(self, self.grid_channels, 0.0, 0, 0)

@@ -14,6 +14,10 @@ Masking: attention is restricted by two boolean masks, both "True = may attend":
 Together they make the partition equivalent to an infinite lattice of windows (origin 0
 for regular blocks, origin w/2 for shifted blocks) restricted to the real tokens. That
 is what lets tiled rendering reproduce an untiled render exactly (see infdiff/render.py).
+
+The attention itself (logits, bias, masked softmax, weighted values) is
+`infdiff.kernels.window_attention`: the XLA reference or a fused Pallas kernel, picked by
+`attention_impl`.
 """
 
 from __future__ import annotations
@@ -23,12 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infdiff import kernels
+from infdiff.kernels import window_attention as wattn
 from infdiff.models import layers
-
-# Logit assigned to forbidden pairs. A finite value (not -inf) keeps fully masked rows
-# (queries that are themselves padding) finite: their softmax is uniform and unused,
-# instead of NaN that could leak through 0 * NaN into later layers.
-_MASK_LOGIT = -1e30
 
 
 def window_partition(x: jax.Array, w: int) -> jax.Array:
@@ -80,8 +81,8 @@ def _strip_labels(n: int, w: int, shift: int) -> np.ndarray:
   return (orig + shift) // w
 
 
-def shifted_window_mask(hp: int, wp: int, w: int, shift: int, xp=np):
-  """Which token pairs of each window may attend after a cyclic shift by `shift`.
+def shifted_window_labels(hp: int, wp: int, w: int, shift: int, xp=np):
+  """Region label of every token of each window after a cyclic shift by `shift`.
 
   Args:
     hp: padded grid height (multiple of w).
@@ -89,16 +90,28 @@ def shifted_window_mask(hp: int, wp: int, w: int, shift: int, xp=np):
     w: window size.
     shift: cyclic shift applied to the grid (0 for regular blocks, w // 2 for shifted).
     xp: np for a host array (tests), jnp to build it inside a traced function from
-      two 1-D constants instead of embedding an [nW, N, N] constant in the program.
+      two 1-D constants instead of embedding an [nW, N] constant in the program.
+
+  Returns:
+    [nW, w*w] integer labels, equal for two tokens of a window iff they come from the same
+    region of the unshifted grid. All equal within a window when shift == 0.
+  """
+  ly = xp.asarray(_strip_labels(hp, w, shift))
+  lx = xp.asarray(_strip_labels(wp, w, shift))
+  labels = ly[:, None] * (wp + 1) + lx[None, :]  # [hp, wp] unique per region
+  return window_partition(labels[None, :, :, None], w)[0, ..., 0]  # [nW, N]
+
+
+def shifted_window_mask(hp: int, wp: int, w: int, shift: int, xp=np):
+  """Which token pairs of each window may attend after a cyclic shift by `shift`.
+
+  Args: as `shifted_window_labels`.
 
   Returns:
     [nW, w*w, w*w] bool, True where query p and key q come from the same region of the
     unshifted grid. All True when shift == 0.
   """
-  ly = xp.asarray(_strip_labels(hp, w, shift))
-  lx = xp.asarray(_strip_labels(wp, w, shift))
-  labels = ly[:, None] * (wp + 1) + lx[None, :]  # [hp, wp] unique per region
-  lab = window_partition(labels[None, :, :, None], w)[0, ..., 0]  # [nW, N]
+  lab = shifted_window_labels(hp, wp, w, shift, xp)  # [nW, N]
   return lab[:, :, None] == lab[:, None, :]
 
 
@@ -125,20 +138,6 @@ def pad_to_multiple(x: jax.Array, w: int, value=0) -> jax.Array:
     return x
   pads = [(0, 0), (0, ph), (0, pw)] + [(0, 0)] * (x.ndim - 3)
   return jnp.pad(x, pads, constant_values=value)
-
-
-def masked_attention_weights(logits: jax.Array, allowed: jax.Array) -> jax.Array:
-  """Softmax over the last axis with forbidden entries set to exactly 0.
-
-  Args:
-    logits: [..., Nq, Nk] pre-softmax scores (any float dtype; softmax runs in float32).
-    allowed: bool, broadcastable to logits.
-
-  Returns:
-    float32 weights of logits' shape; rows sum to 1 over allowed keys.
-  """
-  logits = jnp.where(allowed, logits.astype(jnp.float32), _MASK_LOGIT)
-  return jax.nn.softmax(logits, axis=-1)
 
 
 def _dense(features, axes, dtype, param_dtype, name, use_bias=True):
@@ -208,6 +207,11 @@ class WindowAttention(nn.Module):
   [B, nW, heads, N, head_dim] that the batched attention matmuls want: on CPU the
   narrow per-projection matmuls and the transposes around token-major einsums cost
   more than the attention itself.
+
+  The attention proper runs as `attention_impl` selects: 'xla' (batched einsums; the
+  weights are sown as intermediates 'attention_weights') or 'pallas' (one fused kernel,
+  infdiff/kernels/window_attention.py; the weights are never materialised, so nothing is
+  sown). Both have the same parameters and, in float32, the same outputs to rounding.
   """
 
   dim: int = 256  # model width D
@@ -217,6 +221,7 @@ class WindowAttention(nn.Module):
   # Locality prior of the bias table at init: -slope * 2^-h * distance for head h (ALiBi-
   # style); 0 keeps Swin's trunc-normal(0.02). Still learned; only the start differs.
   rpb_init_slope: float = 0.0
+  attention_impl: str = "xla"  # 'xla' | 'pallas' (fused kernel; GPU, or interpret mode)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
 
@@ -231,6 +236,7 @@ class WindowAttention(nn.Module):
     Returns:
       [B, Hp, Wp, D].
     """
+    impl = kernels.check_impl("attention_impl", self.attention_impl)
     b, hp, wp, d = x.shape
     w, s, nh = self.window, self.shift, self.num_heads
     if d % nh:
@@ -250,7 +256,6 @@ class WindowAttention(nn.Module):
     xw, kernel, bias = nn.dtypes.promote_dtype(xw, kernel, bias, dtype=self.dtype)
     qkv = jnp.einsum("bwnd,dthe->tbwhne", xw, kernel) + bias[:, None, None, :, None, :]
     q, k, v = qkv[0], qkv[1], qkv[2]  # [B, nW, nh, N, hd]
-    logits = jnp.einsum("bwhqe,bwhke->bwhqk", q, k)  # [B, nW, nh, N, N]
 
     table = self.param(
         "rel_pos_bias",
@@ -262,14 +267,17 @@ class WindowAttention(nn.Module):
     )
     idx = relative_position_index(w)
     rel = jnp.asarray(table)[idx].transpose(2, 0, 1)  # [nh, N, N]
-    logits = logits + rel.astype(logits.dtype)
 
-    allowed = key_padding_mask(valid, w, s)[:, :, None]  # [B, nW, 1, 1, N]
-    if s:
-      allowed = allowed & shifted_window_mask(hp, wp, w, s, xp=jnp)[None, :, None]
-    weights = masked_attention_weights(logits, allowed)  # [B, nW, nh, N, N]
-    self.sow("intermediates", "attention_weights", weights)
-    out = jnp.einsum("bwhqk,bwhke->bwhqe", weights.astype(self.dtype), v)  # [B, nW, nh, N, hd]
+    key_mask = key_padding_mask(valid, w, s)[:, :, 0]  # [B, nW, N]
+    region = shifted_window_labels(hp, wp, w, s, xp=jnp) if s else None  # [nW, N]
+    if impl == "xla":
+      allowed = wattn.allowed_pairs(key_mask, region)  # [B, nW, 1, 1 or N, N]
+      out, weights = wattn.window_attention_reference(q, k, v, rel, allowed)
+      # Sown on the XLA path only: the Pallas kernel never materialises the weights.
+      self.sow("intermediates", "attention_weights", weights)  # [B, nW, nh, N, N]
+    else:
+      out = wattn.window_attention(q, k, v, rel, key_mask, region, impl=impl)
+    # out: [B, nW, nh, N, hd]
 
     ko, bo = _Weights(
         (nh, hd, d), ("heads", "kv", "embed"), ("embed",), 2, self.param_dtype, name="out"
@@ -307,6 +315,7 @@ class SwinBlock(nn.Module):
   shift: int = 0  # cyclic shift (0 or window // 2)
   expansion: int = 4  # gated FFN expansion factor (choice)
   rpb_init_slope: float = 0.0  # locality prior of the bias table at init (WindowAttention)
+  attention_impl: str = "xla"  # 'xla' | 'pallas' window attention (WindowAttention)
   dtype: jnp.dtype = jnp.float32  # compute dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter dtype
 
@@ -320,6 +329,7 @@ class SwinBlock(nn.Module):
         self.window,
         self.shift,
         rpb_init_slope=self.rpb_init_slope,
+        attention_impl=self.attention_impl,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name="attn",

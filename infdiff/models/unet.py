@@ -286,11 +286,14 @@ class UNet(nn.Module):
   time_scale: float = 1.0  # t is multiplied by this before the sinusoid (1 for DDPM steps)
   cond_dim: int = 0  # width of `cond`, MLP'd and added to the time embedding; 0 = none
   code_dim: int = 0  # width of the multiplicative `code` (Patch-DM: 512); 0 = none
-  attention_impl: str = "xla"  # "xla" reference or "jax" (jax.nn.dot_product_attention)
+  # "xla" reference, "jax" (jax.nn.dot_product_attention), "cudnn" or "pallas" (flash
+  # attention on GPU/TPU; layers.dot_product_attention)
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
   def setup(self):
+    layers.check_attention_impl(self.attention_impl)
     dt, pdt = self.dtype, self.param_dtype
     levels = len(self.channel_mult)
     if self.norm not in ("group", "layer") or self.activation not in ACTIVATIONS:

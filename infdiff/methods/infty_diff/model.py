@@ -49,6 +49,7 @@ def build_networks(cfg, image_size: int):
       grid_size=n.grid_size,
       grid_channels=n.grid_channels,
       knn=n.knn,
+      sparse_conv_impl=n.get("sparse_conv_impl", "xla"),
       ch=u.ch,
       channel_mult=tuple(u.channel_mult),
       num_res_blocks=u.num_res_blocks,
