@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the four benchmarks (about 16-18 minutes on a 2-core CPU) and prints a summary.
+# Runs the five CPU benchmarks (about 20 minutes on a 2-core CPU) and prints a summary.
 # Usage: benchmarks/run_all.sh [python]   (default: the python on PATH)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ unset XLA_FLAGS  # one CPU device, as training and sampling run here
 LOG="$(mktemp)"
 echo "machine: $(nproc) cores; $(uptime)"
 start=$SECONDS
-for bench in step_efficiency resolution_scaling render_memory subsampling; do
+for bench in step_efficiency liif_step resolution_scaling render_memory subsampling; do
   "$PY" -m "benchmarks.$bench" 2>/dev/null | tee -a "$LOG"
 done
 echo

@@ -36,6 +36,13 @@ def test_step_efficiency_prints_finite_ratios(capsys):
   assert "1024^3 matmul" in printed and "stage1 " in printed
 
 
+def test_step_efficiency_dit_at_the_reference_shape_reports_its_relative_ratio(capsys):
+  out = step_efficiency.main(["--quick", "--stages", "dit_ref"], config=_tiny_config())
+  assert set(out) == {"dit_ref", "reference", "dit_ref/reference"}
+  assert out["dit_ref/reference"] == out["dit_ref"] / out["reference"] > 0
+  assert "of reference, >= 0.9" in capsys.readouterr().out
+
+
 def test_resolution_scaling_reports_the_three_ratios():
   out = resolution_scaling.main(
       ["--quick", "--factors", "1,2", "--full_baseline_upto", "1", "--reduced_steps", "1"],

@@ -98,3 +98,22 @@ def test_weight_is_stop_gradient():
   )(PARAMS)
   for k in PARAMS:
     np.testing.assert_allclose(g_loss[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+def test_reconstruction_term_known_answers_and_bad_kind():
+  import ml_collections
+
+  from infdiff.losses.perceptual import LPIPSTerm
+
+  term = LPIPSTerm(ml_collections.ConfigDict({"lpips_weight": 0.0}), "vae", training=True)
+  pred = jnp.zeros((1, 2, 2, 3))
+  target = jnp.full((1, 2, 2, 3), 0.5).at[0, 0, 0, 0].set(1.0)  # errors 0.5 x 11, 1.0 x 1
+  l1, m1 = term.reconstruction({}, pred, target, "l1")
+  l2, m2 = term.reconstruction({}, pred, target, "l2")
+  # On the [-1, 1] scale: |2 e| and (2 e)^2 averaged over the 12 values.
+  np.testing.assert_allclose(l1, 2 * (11 * 0.5 + 1.0) / 12, rtol=1e-6)
+  np.testing.assert_allclose(l2, 4 * (11 * 0.25 + 1.0) / 12, rtol=1e-6)
+  assert set(m1) == {"l1"} and set(m2) == {"l2"}
+  assert term.with_l1({}, pred, target)[0] == l1
+  with pytest.raises(ValueError, match="must be 'l1' or 'l2'"):
+    term.reconstruction({}, pred, target, "huber")

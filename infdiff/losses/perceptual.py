@@ -37,10 +37,20 @@ class LPIPSTerm:
   def with_l1(self, aux, pred, target):
     """(L1 on the [-1, 1] scale + weight x LPIPS, metrics) of [0, 1] images: the
     reconstruction term of LDM-style autoencoders. `aux` holds this term's 'lpips' entry."""
+    return self.reconstruction(aux, pred, target, "l1")
+
+  def reconstruction(self, aux, pred, target, kind: str = "l1"):
+    """(`kind` on the [-1, 1] scale + weight x LPIPS, metrics): kind 'l1' (mean absolute
+    error) or 'l2' (mean squared error)."""
+    if kind not in ("l1", "l2"):
+      raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
     pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
-    l1 = 2.0 * jnp.mean(jnp.abs(pred - target))
-    metrics = {"l1": l1}
-    loss = l1
+    if kind == "l2":
+      rec = 4.0 * jnp.mean(jnp.square(pred - target))
+    else:
+      rec = 2.0 * jnp.mean(jnp.abs(pred - target))
+    metrics = {kind: rec}
+    loss = rec
     if self.active:
       lp = self(aux["lpips"], pred, target)
       metrics["lpips"] = lp

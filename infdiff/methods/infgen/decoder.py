@@ -10,7 +10,7 @@ y = mean + exp(logvar / 2) eps (Table 1), without gradient.
 Each example is a window of the image resized to a random H x W (`transforms.FieldPatch`:
 arbitrary sizes and aspect ratios, sides multiples of 8), queried at its pixel centres;
 the decoder (`infdiff.models.infgen.InfGenDecoder`) renders that window from the latent:
-  L = |x_hat - x|_1 (on [-1, 1]) + lpips_weight LPIPS(x_hat, x).
+  L = |x_hat - x|_1 (on [-1, 1]; `recon_loss=l2`: squared) + lpips_weight LPIPS(x_hat, x).
 The supplement does not give the loss; this is the reconstruction part of the VAE's own
 objective (L1 + LPIPS), without its GAN.
 """
@@ -128,7 +128,7 @@ class Method(base.Method):
     del group, step
     y = self.latent(aux, batch["image"], rng)
     rgb = self.decoder.apply({"params": params["model"]}, y, batch["coord"], batch["cell"])
-    return self.lpips.with_l1(aux, rgb, batch["target"])
+    return self.lpips.reconstruction(aux, rgb, batch["target"], self.cfg.get("recon_loss", "l1"))
 
   def summaries(self, params, aux, batch, rng):
     del rng

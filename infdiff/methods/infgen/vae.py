@@ -6,7 +6,7 @@ with real weights, point `infgen.vae_path` at them and skip this stage.
 
 Loss (LDM's KL autoencoder without the GAN; supplement Eq. 1-3, with L1 + LPIPS as the
 reconstruction term as SD's VAE was trained):
-  L = |x_hat - x|_1 (on [-1, 1]) + lpips_weight LPIPS(x_hat, x)
+  L = |x_hat - x|_1 (on [-1, 1]; `recon_loss=l2`: squared) + lpips_weight LPIPS(x_hat, x)
       + kl_weight / (H W 3) * KL(q(z|x) || N(0, I)) summed over the latent,
 with z = mean + exp(logvar / 2) eps. The KL weight means what LDM's does (there the
 reconstruction is summed over the pixels of an image; here it is averaged). The
@@ -108,7 +108,8 @@ class Method(base.Method):
     mean, logvar = post["mean"], post["logvar"]
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     rec = self.model.apply(v, z, method=self.model.decode).astype(jnp.float32)
-    loss, metrics = self.lpips.with_l1(aux, rec, x)  # L1 on [-1, 1] (+ LPIPS)
+    # L1 (SD's) or squared error on [-1, 1] (+ LPIPS)
+    loss, metrics = self.lpips.reconstruction(aux, rec, x, c.get("recon_loss", "l1"))
     kl = jnp.mean(kl_divergence(mean, logvar))
     return loss + float(c.kl_weight) / (x.shape[1] * x.shape[2] * 3) * kl, {**metrics, "kl": kl}
 
