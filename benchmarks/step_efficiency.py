@@ -152,7 +152,7 @@ def main(argv=None, config=None) -> dict:
             f"DiT p{c2.dit.patch} w{c2.dit.width} d{c2.dit.depth} "
             f"on {c1.enc_size}^2x{c1.encoder.latent_channels} B={c2.batch_size}",
         ),
-        ("dit_ref", sref, "DiT at the reference's shape (p2 on 32^2: 256 tokens)"),
+        ("dit_ref", sref, "DiT p2 w256 d4 on 32^2 (256 tokens) B=8"),
     ):
       if bench is not None:
         flops = bench.flops()
