@@ -75,7 +75,7 @@ def window_attention_cases(tiny: bool):
           f"window_attention {name}",
           impl,
           jax.jit(f),
-          _fwd_bwd(lambda q, k, v, bias, km, r, f=f: f(q, k, v, bias, km, r), (0, 1, 2, 3)),
+          _fwd_bwd(f, (0, 1, 2, 3)),
           args,
       )
 
@@ -96,7 +96,7 @@ def sparse_conv_cases(tiny: bool):
         f"sparse_conv {ksz}x{ksz} rate {rate}",
         impl,
         jax.jit(f),
-        _fwd_bwd(lambda x, kern, pts, f=f: f(x, kern, pts), (0, 1)),
+        _fwd_bwd(f, (0, 1)),
         (x, kernel, points),
     )
 
@@ -114,7 +114,7 @@ def dense_attention_cases(tiny: bool):
         "DiT self-attention bf16",
         impl,
         jax.jit(f),
-        _fwd_bwd(lambda q, k, v, f=f: f(q, k, v), (0, 1, 2)),
+        _fwd_bwd(f, (0, 1, 2)),
         (q, k, v),
     )
 
