@@ -141,9 +141,12 @@ def test_chunked_cross_attention_equals_unchunked():
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("tail_norm,mid_attention", [("layer", False), ("group", True)])
-def test_tiled_decode_equals_the_whole_decode(tail_norm, mid_attention):
-  model = _decoder(tail_norm=tail_norm, mid_attention=mid_attention)
+@pytest.mark.parametrize(
+    "tail_norm,mid_attention,full_res",
+    [("layer", False, 0), ("none", False, 2), ("group", True, 0)],
+)
+def test_tiled_decode_equals_the_whole_decode(tail_norm, mid_attention, full_res):
+  model = _decoder(tail_norm=tail_norm, mid_attention=mid_attention, full_res_blocks=full_res)
   lat, v = _init(model)
   fn = render_lib.RendererFn(model)
   assert model.halo() % 8 == 0 and model.halo() >= model.receptive_radius()
@@ -151,7 +154,7 @@ def test_tiled_decode_equals_the_whole_decode(tail_norm, mid_attention):
   whole = render_lib.render_image(fn, v, lat, h, w, tile=4096)
   tiled = render_lib.render_image(fn, v, lat, h, w, tile=24)
   assert whole.shape == (1, h, w, 3)
-  if tail_norm == "layer":  # every op is local: tiles are exact
+  if tail_norm != "group":  # every op is local: tiles are exact
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
   else:  # tile-local GroupNorm statistics and attention: exact only for one tile
     one = render_lib.render_image(fn, v, lat, h, w, tile=216)
@@ -191,6 +194,85 @@ def test_field_patch_windows_are_aligned_windows_of_the_stretched_image():
     full = transforms.resized_window(img, (h, w), 0, 0, max(h, w))[:h, :w]
     np.testing.assert_allclose(out["target"], full[top : top + 16, left : left + 16], atol=1e-5)
   assert len({w / h for h, w in sizes}) > 5  # many sizes and aspect ratios
+
+
+def test_windows_larger_than_small_targets_overhang_them_and_mark_their_pixels():
+  t = transforms.FieldPatch(enc_size=32, r_min=16, r_max=48, patch=32, max_aspect=2.0)
+  img = (np.random.default_rng(0).random((80, 80, 3)) * 255).astype(np.uint8)
+  seen = 0
+  for seed in range(40):
+    h, w = t.target_size(np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    out = t({"image": img, "id": 0}, rng, rng)
+    valid = out["valid"]
+    assert out["target"].shape == (32, 32, 3) and valid.shape == (32, 32)
+    if h >= 32 and w >= 32:
+      assert valid.all()
+      continue
+    seen += 1
+    top = round(((out["coord"][0, 0, 0] + 1) * h - 1) / 2)
+    left = round(((out["coord"][0, 0, 1] + 1) * w - 1) / 2)
+    assert (top == 0 or h > 32) and (left == 0 or w > 32)
+    vh, vw = min(h - top, 32), min(w - left, 32)
+    assert valid[:vh, :vw].all() and valid.sum() == vh * vw  # top left, the target's part
+    assert np.all(out["target"][~valid] == 0)
+    full = transforms.resized_window(img, (h, w), 0, 0, max(h, w))[:h, :w]
+    np.testing.assert_allclose(
+        out["target"][:vh, :vw], full[top : top + vh, left : left + vw], atol=1e-5
+    )
+    # The queries continue the target's pixel lattice past its border.
+    np.testing.assert_allclose(out["coord"], fields.crop_grid(h, w, top, left, 32, 32), atol=1e-6)
+  assert seen > 5
+  # Only a window that can overhang carries `valid` (batches of other configs unchanged).
+  t2 = transforms.FieldPatch(enc_size=32, r_min=16, r_max=48, patch=16)
+  assert "valid" not in t2({"image": img, "id": 0}, rng, rng)
+
+
+def test_masked_reconstruction_is_the_loss_of_the_marked_pixels():
+  import ml_collections
+
+  from infdiff.losses.perceptual import LPIPSTerm
+
+  term = LPIPSTerm(ml_collections.ConfigDict(dict(lpips_weight=0.0)), "infgen", True)
+  pred, target = jax.random.uniform(jax.random.PRNGKey(0), (2, 2, 16, 16, 3))
+  valid = np.zeros((2, 16, 16), bool)
+  valid[0, :8, :16] = True
+  valid[1] = True
+  for kind in ("l1", "l2"):
+    got = term.reconstruction({}, pred, target, kind, jnp.asarray(valid))[0]
+    err = np.abs(np.asarray(pred - target)) * 2 if kind == "l1" else np.square(pred - target) * 4
+    want = np.concatenate([np.ravel(err[0, :8]), np.ravel(err[1])]).mean()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_log_uniform_sizes_draw_each_octave_equally_often():
+  kw = dict(enc_size=32, r_min=32, r_max=256, patch=32, max_aspect=1.0)
+  draws = lambda dist: np.array(
+      [
+          transforms.FieldPatch(**kw, size_dist=dist).target_size(np.random.default_rng(i))[0]
+          for i in range(4000)
+      ]
+  )
+  log, uni = draws("log"), draws("uniform")
+  assert log.min() == 32 and log.max() == 256 and np.all(log % 8 == 0)
+  # Octaves 32-64, 64-128, 128-256: a third each under 'log'; 1/7, 2/7, 4/7 under 'uniform'.
+  octave = lambda x: np.histogram(x, bins=[32, 64, 128, 257])[0] / len(x)
+  np.testing.assert_allclose(octave(log), [1 / 3] * 3, atol=0.04)
+  np.testing.assert_allclose(octave(uni), [1 / 7, 2 / 7, 4 / 7], atol=0.04)
+  with pytest.raises(ValueError, match="size_dist must be"):
+    transforms.FieldPatch(**kw, size_dist="gauss")
+
+
+def test_zero_initialised_cross_blocks_start_as_the_identity():
+  block = infgen.CrossBlock(16, 2, zero_init=True)
+  x, y = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 5, 16))
+  v = block.init(jax.random.PRNGKey(1), x, y[:, :3])
+  np.testing.assert_array_equal(block.apply(v, x, y[:, :3]), x)
+  other = infgen.CrossBlock(16, 2)
+  assert (
+      np.abs(other.apply(other.init(jax.random.PRNGKey(1), x, y[:, :3]), x, y[:, :3]) - x).max()
+      > 0.1
+  )
 
 
 # --- a tiny run of the three stages --------------------------------------------------------

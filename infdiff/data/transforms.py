@@ -238,30 +238,38 @@ class FieldPatch:
 
   Per record, with the image made square first (its centred square, like `INFDPatch`):
     encoder input  I resized to enc_size x enc_size (`resize_square`);
-    target size    H ~ U{r_min .. r_max} and W = clip(round(H a), r_min, r_max) with
+    target size    H ~ U{r_min .. r_max} (size_dist='log': log-uniform) and W = clip(round(H a), r_min, r_max) with
                    log a ~ U[-log max_aspect, log max_aspect]: the whole square stretched to
                    H x W (the encoder saw it squashed to a square, so the decoder restores
                    the aspect ratio). Sides are multiples of `align` (the decoder's factor);
     target         a uniformly random patch x patch window of I resized to H x W, its
-                   origin on the `align` lattice (as tiles are at inference);
+                   origin on the `align` lattice (as tiles are at inference). A target
+                   smaller than the window sits at its top left, zero beyond, and `valid`
+                   marks its pixels (only when patch > r_min);
     coord, cell    the window's pixel centres in the [-1, 1]^2 domain of the H x W image
                    and cell (2 / H, 2 / W).
   Output: {'image': float32 [enc, enc, 3], 'target': float32 [P, P, 3] in [0, 1], 'coord':
-  float32 [P, P, 2], 'cell': float32 [2], 'caption', 'id'}.
+  float32 [P, P, 2] (continuing the lattice past the border where the window overhangs),
+  'cell': float32 [2], 'valid': bool [P, P] (patch > r_min only), 'caption', 'id'}.
   """
 
   enc_size: int = 512  # encoder input side (InfGen: 512)
   r_min: int = 256  # smallest target side
   r_max: int = 2048  # largest target side
-  patch: int = 256  # supervised window side P (<= r_min)
+  patch: int = 256  # supervised window side P (> r_min: small targets are padded)
   max_aspect: float = 2.0  # largest W / H or H / W of a target (1: square targets)
   align: int = 8  # target sides and window origins are multiples of this
+  # H's law: 'uniform' over the allowed sides or 'log' (log-uniform: each octave of sizes
+  # drawn equally often)
+  size_dist: str = "uniform"
 
   def __post_init__(self):
-    if not 0 < self.patch <= self.r_min <= self.r_max:
+    if self.size_dist not in ("uniform", "log"):
+      raise ValueError(f"FieldPatch: size_dist must be 'uniform' or 'log', got {self.size_dist!r}")
+    if not (0 < self.patch <= self.r_max and 0 < self.r_min <= self.r_max):
       raise ValueError(
-          f"FieldPatch needs 0 < patch ({self.patch}) <= r_min ({self.r_min}) <= r_max "
-          f"({self.r_max})"
+          f"FieldPatch needs 0 < patch ({self.patch}) <= r_max ({self.r_max}) and "
+          f"0 < r_min ({self.r_min}) <= r_max"
       )
     if self.patch % self.align or self.r_min % self.align:
       raise ValueError(
@@ -275,7 +283,10 @@ class FieldPatch:
     """(H, W) of one target."""
     a = self.align
     lo, hi = self.r_min // a, self.r_max // a
-    h = int(rng.integers(lo, hi + 1))
+    if self.size_dist == "log":  # sides in [lo - 1/2, hi + 1/2) on a log scale, rounded
+      h = int(np.clip(round(np.exp(rng.uniform(np.log(lo - 0.5), np.log(hi + 0.5)))), lo, hi))
+    else:
+      h = int(rng.integers(lo, hi + 1))
     aspect = np.exp(rng.uniform(-np.log(self.max_aspect), np.log(self.max_aspect)))
     w = int(np.clip(round(h * aspect), lo, hi))
     return h * a, w * a
@@ -285,15 +296,20 @@ class FieldPatch:
     image = center_square(record["image"])  # [S, S, 3] uint8
     h, w = self.target_size(rng)
     p, a = self.patch, self.align
-    top = int(rng.integers(0, (h - p) // a + 1)) * a
-    left = int(rng.integers(0, (w - p) // a + 1)) * a
+    top = int(rng.integers(0, max(h - p, 0) // a + 1)) * a
+    left = int(rng.integers(0, max(w - p, 0) // a + 1)) * a
+    win = resized_window(image, (h, w), top, left, p)  # [min(P, H), min(P, W), 3]
     out = _passthrough(record)
     out.update(
         image=resize_square(image, self.enc_size),  # [enc, enc, 3]
-        target=resized_window(image, (h, w), top, left, p),  # [P, P, 3]
+        target=np.pad(win, ((0, p - win.shape[0]), (0, p - win.shape[1]), (0, 0))),
         coord=fields.crop_grid(h, w, top, left, p, p),  # [P, P, 2]
         cell=fields.cell_size(h, w),  # [2]
     )
+    if p > self.r_min:  # the window may overhang a small target: mark its pixels
+      valid = np.zeros((p, p), bool)
+      valid[: win.shape[0], : win.shape[1]] = True
+      out["valid"] = valid
     return out
 
 

@@ -39,16 +39,20 @@ class LPIPSTerm:
     reconstruction term of LDM-style autoencoders. `aux` holds this term's 'lpips' entry."""
     return self.reconstruction(aux, pred, target, "l1")
 
-  def reconstruction(self, aux, pred, target, kind: str = "l1"):
+  def reconstruction(self, aux, pred, target, kind: str = "l1", valid=None):
     """(`kind` on the [-1, 1] scale + weight x LPIPS, metrics): kind 'l1' (mean absolute
-    error) or 'l2' (mean squared error)."""
+    error) or 'l2' (mean squared error). `valid` [B, H, W] bool: the mean runs over the
+    marked pixels only, and LPIPS sees the target in place of the others."""
     if kind not in ("l1", "l2"):
       raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
     pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
-    if kind == "l2":
-      rec = 4.0 * jnp.mean(jnp.square(pred - target))
+    err = jnp.square(pred - target) * 4.0 if kind == "l2" else jnp.abs(pred - target) * 2.0
+    if valid is None:
+      rec = jnp.mean(err)
     else:
-      rec = 2.0 * jnp.mean(jnp.abs(pred - target))
+      m = valid[..., None].astype(jnp.float32)
+      rec = jnp.sum(err * m) / jnp.maximum(jnp.sum(m) * err.shape[-1], 1.0)
+      pred = jnp.where(valid[..., None], pred, target)
     metrics = {kind: rec}
     loss = rec
     if self.active:

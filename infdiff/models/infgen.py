@@ -28,11 +28,11 @@ Tiling (infdiff/render.py): the convolutional tail has a finite receptive field,
 output pixels; tiles and their origins are multiples of `factor` (`tile_align()`).
 Queries flagged invalid (beyond the image border) are zeroed before every conv at every
 level (a token is valid when any of its pixels is), which reproduces the zero padding of
-the untiled render. With tail_norm='layer' and mid_attention=False every op is local, so
-tiles equal the untiled render exactly. With the SD blocks' GroupNorm (tail_norm='group')
-and the mid block's attention, both are taken over the tile's valid positions: a tile that
-covers the image equals the untiled render; smaller tiles approximate it, as diffusers'
-tiled VAE decode does.
+the untiled render. With tail_norm='layer' or 'none' and mid_attention=False every op is
+local, so tiles equal the untiled render exactly. With the SD blocks' GroupNorm
+(tail_norm='group') and the mid block's attention, both are taken over the tile's valid
+positions: a tile that covers the image equals the untiled render; smaller tiles
+approximate it, as diffusers' tiled VAE decode does.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ class CrossBlock(nn.Module):
   heads: int  # attention heads
   mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * D
   query_chunk: int = 4096  # mask tokens per attention chunk (0: all at once)
+  zero_init: bool = False  # zero output Linears: the block starts as the identity
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # parameter dtype
 
@@ -125,14 +126,15 @@ class CrossBlock(nn.Module):
     lk = y.shape[1]
     ln = lambda name: layers.layer_norm(dt, pdt, name=name)
     dense = lambda n, axes, name: layers.dense(n, axes, dt, pdt, name=name)
+    out = lambda n, axes, name: layers.dense(n, axes, dt, pdt, zero=self.zero_init, name=name)
     hq, hy = ln("norm_q")(x), ln("norm_kv")(y)
     q = dense(d, ("embed", "heads"), "to_q")(hq).reshape(b, lq, nh, d // nh)
     k = dense(d, ("embed", "heads"), "to_k")(hy).reshape(b, lk, nh, d // nh)
     v = dense(d, ("embed", "heads"), "to_v")(hy).reshape(b, lk, nh, d // nh)
     a = chunked_attention(q, k, v, self.query_chunk).reshape(b, lq, d)
-    x = x + dense(d, ("heads", "embed"), "to_out")(a)
+    x = x + out(d, ("heads", "embed"), "to_out")(a)
     h = dense(int(self.mlp_ratio * d), ("embed", "mlp"), "mlp_in")(ln("norm_mlp")(x))
-    x = x + dense(d, ("mlp", "embed"), "mlp_out")(nn.gelu(h))
+    x = x + out(d, ("mlp", "embed"), "mlp_out")(nn.gelu(h))
     return nn.with_logical_constraint(x, layers.ACT_TOKENS)
 
 
@@ -148,13 +150,19 @@ class InfGenDecoder(nn.Module):
   up_channels: Sequence[int] = (512, 256, 128)  # up-block widths (Table 1: x8 in 3 blocks)
   layers_per_block: int = 2  # up blocks have layers_per_block + 1 ResBlocks (SD: 2)
   norm_groups: int = 32  # GroupNorm groups of the tail
-  tail_norm: str = "group"  # 'group' (SD blocks) or 'layer' (per-pixel; exact tiles)
+  # 'group' (SD blocks), 'layer' (per pixel; exact tiles) or 'none' (no normalisation in
+  # the tail; exact tiles, and a pixel's feature magnitude reaches conv_out)
+  tail_norm: str = "group"
   mid_attention: bool = True  # attention in the mid block (SD's UNetMidBlock2D)
+  # ResBlocks at the output resolution after the last up block (not in Table 1, whose three
+  # up blocks end with their x2 upsampler; SD's own decoder has a fourth block there)
+  full_res_blocks: int = 0
   query_chunk: int = 4096  # mask tokens per cross-attention chunk
   # 'none' (the paper's mask tokens) or 'bicubic': each mask token also gets the bicubic
   # interpolation of the latent tokens' conv_in features at its centre (not in InfGen; a
   # local shortcut, so tiles stay exact)
   query_init: str = "none"
+  zero_init: bool = False  # cross blocks' output Linears start at zero (identity blocks)
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # parameter dtype
 
@@ -178,6 +186,7 @@ class InfGenDecoder(nn.Module):
       r += 2 * (self.layers_per_block + 1) * lvl
       if lvl > 1:
         r += lvl // 2  # the upsample conv at the next level
+    r += 2 * self.full_res_blocks
     return r + 1  # conv_out
 
   def halo(self) -> int:
@@ -192,8 +201,10 @@ class InfGenDecoder(nn.Module):
     if self.tail_norm == "layer":
       norm = layers.layer_norm(dt, pdt, epsilon=NORM_EPS, name=name)
       return lambda t, mask: norm(t)
+    if self.tail_norm == "none":
+      return lambda t, mask: t
     if self.tail_norm != "group":
-      raise ValueError(f"tail_norm must be 'group' or 'layer', got {self.tail_norm!r}")
+      raise ValueError(f"tail_norm must be 'group', 'layer' or 'none', got {self.tail_norm!r}")
     gn = nn.GroupNorm(
         num_groups=self.norm_groups,
         epsilon=NORM_EPS,
@@ -259,9 +270,17 @@ class InfGenDecoder(nn.Module):
     elif self.query_init != "none":
       raise ValueError(f"query_init must be 'none' or 'bicubic', got {self.query_init!r}")
     for i in range(self.depth):
-      x = CrossBlock(d, self.heads, self.mlp_ratio, self.query_chunk, dt, pdt, name=f"cross_{i}")(
-          x, y
+      block = CrossBlock(
+          d,
+          self.heads,
+          self.mlp_ratio,
+          self.query_chunk,
+          self.zero_init,
+          dt,
+          pdt,
+          name=f"cross_{i}",
       )
+      x = block(x, y)
     x = x.reshape(b, gh, gw, d)
     x = nn.with_logical_constraint(x, layers.ACT_GRID)
     # Validity per level: a position is real when any output pixel under it is.
@@ -283,6 +302,8 @@ class InfGenDecoder(nn.Module):
         m = masks[lvl // 2]
         x = x if m is None else x * m.astype(x.dtype)
       x = nn.with_logical_constraint(x, layers.ACT_GRID)
+    for j in range(self.full_res_blocks):
+      x = self._resblock(x, self.up_channels[-1], masks[1], f"full_block{j}")
     x = nn.swish(self._norm("norm_out")(x, masks[1]))
     x = x if masks[1] is None else x * masks[1].astype(x.dtype)
     rgb = conv(3, 3, dt, pdt, name="conv_out")(x).astype(jnp.float32)

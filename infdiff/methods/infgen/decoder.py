@@ -8,7 +8,9 @@ It sees the whole image resized to `enc_size` (supplement: 512); the latent is s
 y = mean + exp(logvar / 2) eps (Table 1), without gradient.
 
 Each example is a window of the image resized to a random H x W (`transforms.FieldPatch`:
-arbitrary sizes and aspect ratios, sides multiples of 8), queried at its pixel centres;
+arbitrary sizes and aspect ratios, sides multiples of 8), queried at its pixel centres (a
+window larger than a small target overhangs it: the decoder sees those queries as
+outside the image, as a tiled render does, and the loss skips them);
 the decoder (`infdiff.models.infgen.InfGenDecoder`) renders that window from the latent:
   L = |x_hat - x|_1 (on [-1, 1]; `recon_loss=l2`: squared) + lpips_weight LPIPS(x_hat, x).
 The supplement does not give the loss; this is the reconstruction part of the VAE's own
@@ -47,6 +49,8 @@ def build_decoder(cfg, latent_channels: int) -> InfGenDecoder:
       norm_groups=int(d.norm_groups),
       tail_norm=str(d.tail_norm),
       mid_attention=bool(d.mid_attention),
+      full_res_blocks=int(d.get("full_res_blocks", 0)),
+      zero_init=bool(d.get("zero_init", False)),
       query_chunk=int(d.query_chunk),
       query_init=str(d.get("query_init", "none")),
       dtype=jnp.dtype(cfg.dtype),
@@ -103,6 +107,7 @@ class Method(base.Method):
         patch=int(c.patch),
         max_aspect=float(c.max_aspect),
         align=self.decoder.factor,
+        size_dist=str(c.get("size_dist", "uniform")),
     )
 
   def prepare(self, mesh, training=True):
@@ -127,8 +132,10 @@ class Method(base.Method):
   def loss(self, group, params, aux, batch, rng, step):
     del group, step
     y = self.latent(aux, batch["image"], rng)
-    rgb = self.decoder.apply({"params": params["model"]}, y, batch["coord"], batch["cell"])
-    return self.lpips.reconstruction(aux, rgb, batch["target"], self.cfg.get("recon_loss", "l1"))
+    valid = batch.get("valid")  # windows overhanging a small target (patch > r_min)
+    rgb = self.decoder.apply({"params": params["model"]}, y, batch["coord"], batch["cell"], valid)
+    kind = self.cfg.get("recon_loss", "l1")
+    return self.lpips.reconstruction(aux, rgb, batch["target"], kind, valid)
 
   def summaries(self, params, aux, batch, rng):
     del rng
