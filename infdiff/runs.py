@@ -9,15 +9,23 @@ stage keeps no EMA) restored onto one local device whatever topology wrote them,
 frozen inputs from `Method.prepare(None, training=False)`. Chained stages (RaPD stage 2 on
 stage 1) load the earlier stage through `load_run` too.
 
+Inside `with runs.abstract():` `load_run` reads no checkpoint: the stage's parameters are
+the jax.ShapeDtypeStruct tree its trainer would initialise (`train.abstract_params`, from
+one example batch of the stage's configured data), so a later stage can be built, lowered
+and compiled on a run directory that holds only `config.json` (and what the stage reads
+beside it, such as `latent_stats.json`). benchmarks/paper_scale.py uses it.
+
 `load_autoencoder` / `load_generator` pick the stage of a run directory that provides the
 `FieldAutoencoder` / `Generator` contract, or fail with one line naming what is needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -42,6 +50,20 @@ class Run:
   def inference(self, **options):
     """The stage's `FieldAutoencoder` or `Generator`."""
     return self.method.inference(self.params, self.aux, **options)
+
+
+_abstract_depth = 0  # > 0 inside `abstract()`
+
+
+@contextlib.contextmanager
+def abstract() -> Iterator[None]:
+  """Within it `load_run` gives parameter shapes instead of reading checkpoints."""
+  global _abstract_depth
+  _abstract_depth += 1
+  try:
+    yield
+  finally:
+    _abstract_depth -= 1
 
 
 def read_config(stage_dir: str) -> ml_collections.ConfigDict:
@@ -118,9 +140,15 @@ def load_run(path: str, stage: str | None = None, step: int | None = None) -> Ru
 
   utils.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   method = methods.get_method_class(stage)(config, stage, directory, training=False)
-  state, read_step = ckpt_lib.restore_params_only(os.path.join(directory, "checkpoints"), step=step)
-  # EMA where the stage keeps one; groups without an EMA copy keep their trained params.
-  params = {**state["params"], **(state.get("ema") or {})}
+  if _abstract_depth:
+    from infdiff import train
+
+    params, read_step = train.abstract_params(method), 0  # shapes only, no checkpoint read
+  else:
+    ckpts = os.path.join(directory, "checkpoints")
+    state, read_step = ckpt_lib.restore_params_only(ckpts, step=step)
+    # EMA where the stage keeps one; groups without an EMA copy keep their trained params.
+    params = {**state["params"], **(state.get("ema") or {})}
   aux = method.prepare(None, training=False)
   return Run(config, stage, directory, method, params, aux, int(read_step))
 

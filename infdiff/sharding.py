@@ -62,10 +62,33 @@ def rules_from_config(rules) -> tuple[tuple[str, object], ...]:
 def logical_shardings(boxed_tree, mesh, rules):
   """NamedShardings for a tree of (abstract) values boxed with logical names.
 
-  Leaves without names are replicated.
+  Leaves without names are replicated, and so is any dimension that its mesh axes do not
+  divide (`divisible_spec`: e.g. a 3-channel output conv under 8-way fsdp).
   """
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return jax.tree.map(
+      lambda s, x: NamedSharding(mesh, divisible_spec(s.spec, np.shape(x), mesh)),
+      shardings,
+      nn.unbox(boxed_tree),
+  )
+
+
+def divisible_spec(spec, shape: Sequence[int], mesh) -> P:
+  """`spec` with the mesh axes of each dimension they do not divide evenly dropped.
+
+  jax refuses uneven shardings; a dimension whose size the product of its mesh axes does
+  not divide is replicated instead. In the paper configurations on 8 devices these are
+  3-channel output convs and Patch-DM's code table (21443 rows, 44 MB); a tensor axis
+  also replicates attention kernels whose head count it does not divide.
+  """
+  out = []
+  for i, size in enumerate(shape):
+    axes = spec[i] if i < len(spec) else None
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    ways = int(np.prod([mesh.shape[a] for a in names]))
+    out.append(axes if size % ways == 0 else None)
+  return P(*out)
 
 
 def put_logical(tree, mesh, rules):
@@ -75,13 +98,25 @@ def put_logical(tree, mesh, rules):
   unboxed leaves (numpy or jax arrays, Python scalars) are replicated. The trainer places
   a method's frozen inputs (`Method.prepare`) this way.
   """
+  tree, shardings = logical_placement(tree, mesh, rules)
+  return jax.device_put(tree, shardings), shardings
+
+
+def logical_placement(tree, mesh, rules):
+  """`put_logical` without the transfer: (the unboxed tree, its NamedShardings).
+
+  Also for abstract trees (jax.ShapeDtypeStruct leaves), e.g. to lower a step on frozen
+  inputs that were never loaded (`infdiff.pretrained.abstract`).
+  """
   is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
 
   def spec(x):
-    return nn.logical_to_mesh_axes(x.names, rules) if is_boxed(x) else P()
+    if not is_boxed(x):
+      return P()
+    return divisible_spec(nn.logical_to_mesh_axes(x.names, rules), np.shape(x.value), mesh)
 
   shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), tree, is_leaf=is_boxed)
-  return jax.device_put(nn.unbox(tree), shardings), shardings
+  return nn.unbox(tree), shardings
 
 
 def replicated(mesh) -> NamedSharding:

@@ -130,6 +130,44 @@ def _make_loader(
   )
 
 
+def _numeric(batch: dict) -> dict:
+  """The entries of a host batch that enter the jitted step (strings are dropped)."""
+  return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "OUS"}
+
+
+def example_batch(method, batch_size: int = 1) -> dict:
+  """`batch_size` rows of a stage's training data from its run config's data source,
+  through the method's own transform and source wrapper: the batch the trainer takes its
+  shapes from (numeric entries only, as numpy arrays)."""
+  config = method.config.copy_and_resolve_references()
+  config.data.update(num_threads=1, num_workers=0, prefetch_buffer_size=1)  # no read-ahead
+  loader = _make_loader(
+      config,
+      method.cfg,
+      method.data_transform("train"),
+      "train",
+      config.seed,
+      batch_size=batch_size,
+      source_fn=method.data_source,
+  )
+  try:
+    return _numeric(next(loader))
+  finally:
+    loader.close()
+
+
+def abstract_params(method) -> dict:
+  """{group: params} as the stage's trainer initialises them, as jax.ShapeDtypeStruct leaves
+  (unboxed, nothing allocated), from `Method.init` on the shapes of `example_batch`.
+
+  What `runs.abstract` gives a later stage in place of a finished run's checkpoint.
+  """
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example_batch(method).items()}
+  init = lambda r: method.init(r, {k: jnp.zeros(v.shape, v.dtype) for k, v in spec.items()})
+  variables = jax.eval_shape(init, jax.random.PRNGKey(method.config.seed))
+  return split_variables(nn.unbox(variables), method.groups)[0]
+
+
 def stage_ema_decay(config, stage: str) -> float:
   """EMA decay of one stage: `config.<stage>.ema_decay` if the stage sets it, else ema_decay.
 
@@ -329,7 +367,7 @@ def _train_stage(config, stage, workdir, method, mngr, data_iter):
   cfg = config[stage]
   start_data_state = data_iter.get_state()
   first = next(data_iter)  # only for shapes; the stream is rewound below
-  host_first = {k: v for k, v in first.items() if np.asarray(v).dtype.kind not in "OUS"}
+  host_first = _numeric(first)
 
   mesh = shard_lib.make_mesh(config.mesh)
   logging.info(

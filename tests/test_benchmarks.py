@@ -1,6 +1,7 @@
 """Smoke tests: each benchmark script's main runs end to end at tiny sizes."""
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -88,3 +89,35 @@ def test_kernels_benchmark_says_no_gpu_in_one_line_and_runs_tiny_interpreted(cap
   # Every case timed for both implementations; the kernel rows carry the two ratios.
   pallas = [r for r in rows if r[-5] == "pallas"]
   assert len(pallas) == 4 and all(float(x) > 0 for r in pallas for x in r[-4:]), lines
+
+
+# RaPD stage 2 at demo presets shrunk further: the abstract Qwen3 and DINOv2 (tiny
+# config.json files) and the abstract stage-1 run are all in the compiled step.
+PAPER_SCALE_TINY = [
+    "rapd_stage1.enc_size=16",
+    "rapd_stage2.dit.depth=1",
+    "rapd_stage2.dit.width=16",
+    "rapd_stage2.dit.bottleneck=8",
+    "rapd_stage2.dit.heads=2",
+    "rapd_stage2.dit.repa_block=1",
+    "rapd_stage2.text.max_length=8",
+    "rapd_stage2.repa.hidden=16",
+]
+
+
+def test_paper_scale_compiles_a_step_on_abstract_frozen_networks_and_runs(capsys):
+  from benchmarks import paper_scale
+
+  sets = [a for s in PAPER_SCALE_TINY for a in ("--set", s)]
+  argv = ["--tiny", "--stages", "rapd_stage2", "--devices", "2", "--jobs", "1", *sets]
+  (row,) = paper_scale.main(argv)
+  assert row["stage"] == "rapd_stage2" and row["mesh"] == (1, 2, 1)
+  # Trainable DiT + REPA projector; frozen: the tiny Qwen3 (2 x 32 wide, vocab 64), DINOv2
+  # and the stage-1 encoder, none of them loaded from weights.
+  assert row["params"] > 1000 and row["frozen"] > 20_000
+  assert row["device_flops"] > 0 and row["global_flops"] == 2 * row["device_flops"]
+  assert min(row["args"], row["out"], row["temp"]) > 0 and row["peak"] < 2**30
+  assert row["fits80"] and row["steps"] == 1500 and row["H100_s"] > 0
+  out = capsys.readouterr().out
+  assert "so it counts one device" in out
+  assert re.search(r"^\| rapd_stage2 \| 2 \| 1x2x1 \| 16 \| float32 \|", out, re.M), out

@@ -150,6 +150,45 @@ def test_tiny_writers_load_and_every_param_has_logical_axes(kind, tmp_path):
   assert jax.tree.structure(nn.unbox(boxed)) == jax.tree.structure(params)
 
 
+# Variables of the full-size networks the abstract LPIPS / Inception give (no config.json:
+# their widths come from the weights, which an abstract load does not read).
+FULL_SIZE = {"lpips_vgg16": 14_714_688 + 1472, "inception_fid": 23_834_568 - 2_049_000}
+
+
+@pytest.mark.parametrize("kind", sorted(pretrained.KINDS))
+def test_abstract_load_reads_only_the_config_and_gives_the_loaded_shapes(kind, tmp_path):
+  path = testing.write_tiny(kind, tmp_path / kind)
+  model, params = pretrained.load(kind, path)
+  bare = tmp_path / "bare"  # the config alone, no weights
+  bare.mkdir()
+  if os.path.isfile(os.path.join(path, "config.json")):
+    with open(os.path.join(path, "config.json")) as f:
+      (bare / "config.json").write_text(f.read())
+  with pretrained.abstract():
+    assert pretrained.is_abstract()
+    amodel, shapes = pretrained.load(kind, bare)
+    with pytest.raises(FileNotFoundError):  # a directory is still required
+      pretrained.load(kind, tmp_path / "nope")
+  assert not pretrained.is_abstract()
+  assert type(amodel) is type(model)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+  assert jax.tree.structure(shapes) == jax.tree.structure(params)
+  if kind in FULL_SIZE:
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    assert n == FULL_SIZE[kind]
+  else:
+    same = lambda x: (x.shape, x.dtype)
+    assert jax.tree.map(same, shapes) == jax.tree.map(same, params)
+
+
+def test_abstract_tokenize_needs_no_tokenizer(tmp_path):
+  with pretrained.abstract():
+    ids, mask = pretrained.tokenize(tmp_path / "no_tokenizer", ["a cat", "", "a red dog"], 7)
+  assert ids.shape == mask.shape == (3, 7) and ids.dtype == mask.dtype == np.int32
+  with pytest.raises(FileNotFoundError):
+    pretrained.tokenize(tmp_path / "no_tokenizer", ["a cat"], 7)
+
+
 def test_dinov2_swiglu_bf16_and_config_mismatch(tmp_path):
   path = testing.write_tiny_dinov2(tmp_path / "g", use_swiglu_ffn=True)
   model, params = pretrained.load("dinov2", path, image_size=(8, 12))

@@ -278,6 +278,49 @@ def test_nonfinite_loss_is_skipped_then_one_line_error(tmp_path):
   assert skipped and skipped[-1] > 0  # steps were skipped (counted) before the error
 
 
+def test_uneven_dimensions_are_replicated_not_refused():
+  import flax.linen as nn
+  from jax.sharding import PartitionSpec as P
+
+  mesh = shard_lib.make_mesh((1, 4, 2))
+  assert shard_lib.divisible_spec(P("fsdp", "tensor"), (8, 6), mesh) == P("fsdp", "tensor")
+  assert shard_lib.divisible_spec(P("fsdp", "tensor"), (3, 5), mesh) == P(None, None)
+  assert shard_lib.divisible_spec(P(("data", "fsdp")), (6, 2), mesh) == P(None, None)
+  rules = (("embed", "fsdp"), ("mlp", "tensor"))
+  box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, "f4"), names)
+  tree = {"rgb": box((3,), ("embed",)), "w": box((8, 6), ("embed", "mlp"))}
+  specs = jax.tree.map(lambda s: s.spec, shard_lib.logical_shardings(tree, mesh, rules))
+  assert specs == {"rgb": P(None), "w": P("fsdp", "tensor")}
+  _, aux = shard_lib.logical_placement(tree, mesh, rules)
+  assert jax.tree.map(lambda s: s.spec, aux) == specs
+
+
+def test_abstract_run_gives_the_parameter_shapes_without_a_checkpoint(tmp_path):
+  from infdiff import runs
+
+  c = _tiny_config()
+  c.stages = ("rapd_stage1",)
+  c.data.num_threads = 1
+  stage_dir = tmp_path / "run" / "rapd_stage1"
+  stage_dir.mkdir(parents=True)
+  (stage_dir / "config.json").write_text(c.to_json_best_effort())
+  with pytest.raises(ckpt_lib.CheckpointError):
+    runs.load_run(str(stage_dir))
+  with runs.abstract():
+    run = runs.load_run(str(tmp_path / "run"))
+  assert run.stage == "rapd_stage1" and run.step == 0
+  leaves = jax.tree.leaves(run.params)
+  assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  # The shapes the trainer initialises from a real batch.
+  mesh = shard_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = shard_lib.rules_from_config(c.logical_axis_rules)
+  batch = train.example_batch(run.method, 2)
+  assert batch["image"].shape == (2, 16, 16, 3) and "index" in batch
+  state, _, _ = train.build_state(run.method, c, mesh, rules, batch, materialize=False)
+  same = lambda x: (x.shape, x.dtype)
+  assert jax.tree.map(same, run.params) == jax.tree.map(same, state.params)
+
+
 def test_stage_steps_follow_the_stage_config():
   import importlib.util
 

@@ -53,6 +53,13 @@ The converter needs torch (the `parity` extra); nothing under infdiff imports to
 Safetensors are read by a small torch-free reader that also handles bfloat16 storage
 (Qwen3's Hub weights); every parameter is returned as float32.
 
+Shapes without weights: inside `with infdiff.pretrained.abstract():` `load` reads only the
+directory's `config.json` (LPIPS and Inception: nothing, the full-size network) and returns
+the module with its params as `jax.ShapeDtypeStruct` leaves (the tree `load` would return,
+nothing allocated), and `tokenize` returns zero ids and an all-ones mask of the requested
+shape without a tokenizer. Lowering and compiling a paper-size step with frozen backbones
+(benchmarks/paper_scale.py) needs only their config.json files this way.
+
 For tests, `infdiff.pretrained.testing.write_tiny(kind, path)` writes a tiny random-weight
 checkpoint of any kind in the same file layout (seconds, no torch). Parity with the PyTorch
 references is checked in tests/test_pretrained.py against fixtures made by
@@ -61,8 +68,10 @@ scripts/make_parity_fixtures.py.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -78,7 +87,33 @@ KINDS = {
     "sd_vae": "infdiff.pretrained.sd_vae",
 }
 
-__all__ = ["KINDS", "CheckpointFormatError", "CheckpointNotFoundError", "load", "tokenize"]
+__all__ = [
+    "KINDS",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "abstract",
+    "is_abstract",
+    "load",
+    "tokenize",
+]
+
+_abstract_depth = 0  # > 0 inside `abstract()` (a plain global: data reader threads see it too)
+
+
+@contextlib.contextmanager
+def abstract() -> Iterator[None]:
+  """Within it `load` and `tokenize` give shapes only (see the module docstring)."""
+  global _abstract_depth
+  _abstract_depth += 1
+  try:
+    yield
+  finally:
+    _abstract_depth -= 1
+
+
+def is_abstract() -> bool:
+  """Whether `load` and `tokenize` currently give shapes only (inside `abstract()`)."""
+  return _abstract_depth > 0
 
 
 def load(kind: str, path: str | os.PathLike, **overrides) -> tuple[Any, Any]:
@@ -90,11 +125,13 @@ def load(kind: str, path: str | os.PathLike, **overrides) -> tuple[Any, Any]:
     **overrides: module fields to override, e.g. dtype.
 
   Returns:
-    (model, params); call `model.apply(params, ...)`.
+    (model, params); call `model.apply(params, ...)`. Inside `abstract()` the params are
+    jax.ShapeDtypeStruct leaves and only config.json is read.
   """
   if kind not in KINDS:
     raise ValueError(f"unknown pretrained kind {kind!r}; known: {', '.join(KINDS)}")
-  return importlib.import_module(KINDS[kind]).load(os.fspath(path), **overrides)
+  port = importlib.import_module(KINDS[kind])
+  return (port.abstract if is_abstract() else port.load)(os.fspath(path), **overrides)
 
 
 def tokenize(
@@ -113,8 +150,12 @@ def tokenize(
     max_length: output length L.
 
   Returns:
-    (input_ids, attention_mask), int32 numpy arrays of shape [len(texts), max_length].
+    (input_ids, attention_mask), int32 numpy arrays of shape [len(texts), max_length];
+    inside `abstract()` zeros and ones, and no tokenizer is read.
   """
+  if is_abstract():
+    shape = (len(texts), int(max_length))
+    return np.zeros(shape, np.int32), np.ones(shape, np.int32)
   from tokenizers import Tokenizer
 
   from infdiff.pretrained import common

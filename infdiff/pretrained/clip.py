@@ -242,6 +242,11 @@ def convert(state: dict[str, np.ndarray], model: Clip) -> dict[str, Any]:
   return {"params": params}
 
 
+def _example() -> dict[str, jax.Array]:
+  """Inputs for `init` (both towers); the parameter shapes do not depend on their sizes."""
+  return dict(images=jnp.zeros((1, 8, 8, 3)), input_ids=jnp.zeros((1, 2), jnp.int32))
+
+
 def load(path: str, **overrides) -> tuple[Clip, dict[str, Any]]:
   """Loads an HF CLIP directory (config.json + model.safetensors).
 
@@ -255,5 +260,11 @@ def load(path: str, **overrides) -> tuple[Clip, dict[str, Any]]:
   path = common.require_files("clip", path, FILES)
   model = model_from_config(common.read_json(f"{path}/config.json"), **overrides)
   params = convert(common.read_sharded_safetensors("clip", path), model)
-  example = dict(images=jnp.zeros((1, 8, 8, 3)), input_ids=jnp.zeros((1, 2), jnp.int32))
-  return model, common.check_params("clip", model, params, **example)
+  return model, common.check_params("clip", model, params, **_example())
+
+
+def abstract(path: str, **overrides) -> tuple[Clip, dict[str, Any]]:
+  """`load` from config.json alone: params as jax.ShapeDtypeStruct (`pretrained.abstract`)."""
+  path = common.require_files("clip", path, ["config.json"])
+  model = model_from_config(common.read_json(f"{path}/config.json"), **overrides)
+  return model, common.init_shapes(model, **_example())

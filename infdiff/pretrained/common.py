@@ -180,15 +180,23 @@ def norm(state, prefix: str, kind: str, bias: bool = True) -> dict[str, np.ndarr
   return p
 
 
+def init_shapes(model: nn.Module, *example_args, **example_kw) -> Any:
+  """The unboxed variables `model.init` creates, as jax.ShapeDtypeStruct (nothing allocated).
+
+  The tree a port's `load` returns has exactly this structure, shapes and dtypes.
+  """
+  return jax.eval_shape(
+      lambda: nn.unbox(model.init(jax.random.key(0), *example_args, **example_kw))
+  )
+
+
 def check_params(kind: str, model: nn.Module, params: Any, *example_args, **example_kw) -> Any:
   """Checks converted params against the module's own init shapes; returns jnp params.
 
   Catches a config/checkpoint mismatch at load time with a one-line message instead of
   an obscure error inside `apply`.
   """
-  expected = jax.eval_shape(
-      lambda: nn.unbox(model.init(jax.random.key(0), *example_args, **example_kw))
-  )
+  expected = init_shapes(model, *example_args, **example_kw)
   exp_flat = {
       jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)
   }

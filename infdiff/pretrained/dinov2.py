@@ -250,3 +250,11 @@ def load(path: str, **overrides) -> tuple[Dinov2, dict[str, Any]]:
   params = convert(state, model)
   p = model.patch_size
   return model, common.check_params("dinov2", model, params, jnp.zeros((1, p, p, 3)))
+
+
+def abstract(path: str, **overrides) -> tuple[Dinov2, dict[str, Any]]:
+  """`load` from config.json alone: params as jax.ShapeDtypeStruct (`pretrained.abstract`)."""
+  path = common.require_files("dinov2", path, ["config.json"])
+  model = model_from_config(common.read_json(f"{path}/config.json"), **overrides)
+  p = model.patch_size
+  return model, common.init_shapes(model, jnp.zeros((1, p, p, 3)))

@@ -226,3 +226,11 @@ def load(path: str, **overrides) -> tuple[InceptionFid, dict[str, Any]]:
   div, variables = convert(common.read_safetensors("inception_fid", path, FILES))
   model = InceptionFid(width_divisor=div, **overrides)
   return model, common.check_params("inception_fid", model, variables, jnp.zeros((1, 8, 8, 3)))
+
+
+def abstract(path: str, **overrides) -> tuple[InceptionFid, dict[str, Any]]:
+  """`load` without reading the weights (`pretrained.abstract`): the full-width network,
+  variables as jax.ShapeDtypeStruct. `path` must be a directory; its files are not needed."""
+  path = common.require_files("inception_fid", path, [])
+  model = InceptionFid(**overrides)
+  return model, common.init_shapes(model, jnp.zeros((1, 8, 8, 3)))

@@ -118,3 +118,12 @@ def load(path: str, **overrides) -> tuple[LpipsVgg16, dict[str, Any]]:
   model = LpipsVgg16(widths=widths, **overrides)
   x = jnp.zeros((1, 32, 32, 3))
   return model, common.check_params("lpips_vgg16", model, params, x, x)
+
+
+def abstract(path: str, **overrides) -> tuple[LpipsVgg16, dict[str, Any]]:
+  """`load` without reading the weights (`pretrained.abstract`): the full VGG16 widths, params
+  as jax.ShapeDtypeStruct. `path` must be a directory; its files are not needed."""
+  path = common.require_files("lpips_vgg16", path, [])
+  model = LpipsVgg16(**overrides)
+  x = jnp.zeros((1, 32, 32, 3))
+  return model, common.init_shapes(model, x, x)

@@ -207,3 +207,10 @@ def load(path: str, **overrides) -> tuple[Qwen3, dict[str, Any]]:
   model = model_from_config(common.read_json(f"{path}/config.json"), **overrides)
   params = convert(common.read_sharded_safetensors("qwen3", path), model)
   return model, common.check_params("qwen3", model, params, jnp.zeros((1, 2), jnp.int32))
+
+
+def abstract(path: str, **overrides) -> tuple[Qwen3, dict[str, Any]]:
+  """`load` from config.json alone: params as jax.ShapeDtypeStruct (`pretrained.abstract`)."""
+  path = common.require_files("qwen3", path, ["config.json"])
+  model = model_from_config(common.read_json(f"{path}/config.json"), **overrides)
+  return model, common.init_shapes(model, jnp.zeros((1, 2), jnp.int32))

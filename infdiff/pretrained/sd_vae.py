@@ -115,12 +115,27 @@ def load(path: str, **overrides) -> tuple[SDVAE, dict[str, Any]]:
     if os.path.isfile(os.path.join(path, WEIGHTS_FP16)):
       files = ("config.json", WEIGHTS_FP16)
   path = common.require_files(KIND, path, files)
-  try:
-    model = from_config(common.read_json(os.path.join(path, "config.json")), **overrides)
-  except ValueError as e:
-    raise common.CheckpointFormatError(f"{KIND} checkpoint at {path}: {e}") from e
+  model = _model(path, **overrides)
   state = common.read_safetensors(KIND, path, files[1:])
   params = convert(state, model)
+  return model, common.check_params(KIND, model, params, _example(model))
+
+
+def abstract(path: str, **overrides) -> tuple[SDVAE, dict[str, Any]]:
+  """`load` from config.json alone: params as jax.ShapeDtypeStruct (`pretrained.abstract`)."""
+  path = common.require_files(KIND, os.fspath(path), ["config.json"])
+  model = _model(path, **overrides)
+  return model, common.init_shapes(model, _example(model))
+
+
+def _model(path: str, **overrides) -> SDVAE:
+  try:
+    return from_config(common.read_json(os.path.join(path, "config.json")), **overrides)
+  except ValueError as e:
+    raise common.CheckpointFormatError(f"{KIND} checkpoint at {path}: {e}") from e
+
+
+def _example(model: SDVAE) -> jax.Array:
+  """The smallest image `init` takes: one latent cell."""
   side = 2 ** (len(tuple(model.block_out_channels)) - 1)
-  x = jnp.zeros((1, side, side, model.in_channels))
-  return model, common.check_params(KIND, model, params, x)
+  return jnp.zeros((1, side, side, model.in_channels))
