@@ -233,11 +233,11 @@ def get_config(arg=None):
   if p.demo:
     c.stages = ("vae", "infgen", "latent_ddpm")
     c.data.shapes_size = c.infgen.get_ref("r_max")  # scenes rendered at the largest target
-    c.vae.total_steps = 1500
-    # InfGen's decoder: 2000 steps gave 23.0-23.4 dB at 1x-4x against 22.3-22.6 at 1000
-    # (README: InfGen on the demo); 1200 and a shorter latent DDPM keep the 15 minutes.
-    c.infgen.total_steps = 1200
-    c.total_steps = 700  # latent_ddpm
+    # 1500 / 1200 / 700 steps took 983 s of training on an idle 2-core CPU (1079 s with the
+    # install); 1000 / 1000 / 600 keep the demo within 15 minutes (README: InfGen on the demo).
+    c.vae.total_steps = 1000
+    c.infgen.total_steps = 1000
+    c.total_steps = 600  # latent_ddpm
     c.checkpoint_every = 500
     c.log_every = 50
     c.vae.optim.decay_steps = c.vae.get_ref("total_steps")
