@@ -234,7 +234,7 @@ def get_config(arg=None):
     c.stages = ("vae", "infgen", "latent_ddpm")
     c.data.shapes_size = c.infgen.get_ref("r_max")  # scenes rendered at the largest target
     # 1500 / 1200 / 700 steps took 983 s of training on an idle 2-core CPU (1079 s with the
-    # install); 1000 / 1000 / 600 keep the demo within 15 minutes (README: InfGen on the demo).
+    # install); 1000 / 1000 / 600 took 831 s with the install (README: InfGen on the demo).
     c.vae.total_steps = 1000
     c.infgen.total_steps = 1000
     c.total_steps = 600  # latent_ddpm
