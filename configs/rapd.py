@@ -161,6 +161,10 @@ def stage2_config(p) -> ml_collections.ConfigDict:
   # denoising from t >= 0.35 scores ShapesEval 0.96-1.0, yet sampling from pure noise
   # scores about 0.2 (README: RaPD stage 2 on the demo).
   c.flow.shift = 3.0 if demo else 32.0
+  # What the DiT outputs: 'v' the velocity (RaPD), 'x' the clean latent with the velocity
+  # (x_hat - x_t) / (1 - t) (infdiff.diffusion.flow.velocity_from_output); the loss is the
+  # same velocity loss either way.
+  c.flow.predict = "v"
   c.repa = ml_collections.ConfigDict()
   use_repa = p.repa and (bool(p.teacher) or not demo)
   c.repa.weight = 0.5 if use_repa else 0.0  # Table 5: 0.5; needs the DINOv2 teacher

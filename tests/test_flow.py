@@ -55,6 +55,24 @@ def test_interpolate_and_loss():
   np.testing.assert_allclose(flow.flow_matching_loss(v, x1, eps, jnp.array([0, 1, 1])), 0.0)
 
 
+def test_velocity_from_x_prediction():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x1 = jax.random.normal(k1, (4, 3, 3, 2))
+  eps = jax.random.normal(k2, x1.shape)
+  t = jnp.array([0.0, 0.3, 0.9, 0.99])
+  xt = flow.interpolate(x1, eps, t)
+  # 'v' passes the output through; 'x' given the true x1 gives the true velocity x1 - eps
+  # wherever t <= t_max, and divides by 1 - t_max beyond it.
+  out = jax.random.normal(k3, x1.shape)
+  np.testing.assert_array_equal(flow.velocity_from_output(out, xt, t, "v"), out)
+  v = flow.velocity_from_output(x1, xt, t, "x", t_max=0.95)
+  np.testing.assert_allclose(v[:3], (x1 - eps)[:3], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(v[3], (x1[3] - xt[3]) / 0.05, rtol=1e-4, atol=1e-5)
+  assert float(flow.flow_matching_loss(v[:3], x1[:3], eps[:3])) < 1e-8
+  with pytest.raises(ValueError, match="unknown flow prediction 'eps'"):
+    flow.velocity_from_output(out, xt, t, "eps")
+
+
 def test_drop_text_rate():
   keep = flow.drop_text(jax.random.key(2), jnp.zeros((10000, 7)), 0.1)
   assert keep.shape == (10000,) and keep.dtype == jnp.bool_

@@ -59,6 +59,36 @@ def velocity_target(x1, eps):
   return x1 - eps
 
 
+PREDICTIONS = ("v", "x")
+
+
+def velocity_from_output(out, xt, t, predict: str = "v", t_max: float = 0.95):
+  """The velocity implied by a denoiser output.
+
+  'v': the output is the velocity (RaPD). 'x': the output is the clean data x_1 (Li & He
+  2025, "Back to Basics: Let Denoising Generative Models Denoise"), and the velocity is
+  (x_1_hat - x_t) / (1 - t), with 1 - t clipped below at 1 - t_max so the division stays
+  bounded near the data end. Training and sampling both go through this function, so the
+  loss stays a velocity loss whatever the network predicts.
+
+  Args:
+    out: [B, ...] denoiser output.
+    xt: [B, ...] its input.
+    t: [B] (or scalar) time, t = 1 is data.
+    predict: 'v' or 'x'.
+    t_max: the clip for 'x'.
+
+  Returns:
+    v [B, ...] float32.
+  """
+  if predict == "v":
+    return out.astype(jnp.float32)
+  if predict == "x":
+    one_minus_t = jnp.maximum(1.0 - _bcast(t, xt).astype(jnp.float32), 1.0 - t_max)
+    return (out.astype(jnp.float32) - xt.astype(jnp.float32)) / one_minus_t
+  raise ValueError(f"unknown flow prediction {predict!r}; use one of {PREDICTIONS}")
+
+
 def flow_matching_loss(v_pred, x1, eps, mask=None):
   """Mean squared velocity error against x1 - eps (RaPD Eq. 10), in float32.
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infdiff import render as render_lib
+from infdiff.diffusion import flow
 from infdiff.diffusion.sampler import euler_sample
 from infdiff.methods import base
 from infdiff.models.renderers import renderer_from_config
@@ -117,11 +118,13 @@ class TextToImage(base.LatentGenerator):
     p = params["model"]
     cond = m.encode_text(p, aux, ids, mask)
     uncond = m.encode_text(p, aux, ids, jnp.zeros_like(mask))
+    predict = m.cfg.flow.get("predict", "v")
 
     def velocity(x, t, c):
       if self.instrument:
         jax.debug.callback(self._count_call)
-      return m.dit.apply({"params": p["dit"]}, x, t, c[0], c[1])
+      out = m.dit.apply({"params": p["dit"]}, x, t, c[0], c[1])
+      return flow.velocity_from_output(out, x, t, predict)
 
     x1 = euler_sample(
         velocity,

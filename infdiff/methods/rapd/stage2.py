@@ -127,6 +127,10 @@ class Method(base.Method):
           f"stage-1 latent side {self.latent_size} is not a multiple of rapd_stage2.dit.patch="
           f"{c.dit.patch}"
       )
+    if c.flow.get("predict", "v") not in flow.PREDICTIONS:
+      raise ValueError(
+          f"rapd_stage2.flow.predict={c.flow.predict!r}; use one of {flow.PREDICTIONS}"
+      )
     self.text = TextSide(c, workdir, lambda: source_captions(config.data, c.text.vocab_captions))
     self.dit = build_dit(c, self.text.encoder.width, len(self.latent_mean))
     self.teacher = None
@@ -210,7 +214,7 @@ class Method(base.Method):
     out = self.dit.apply(
         {"params": p["dit"]}, xt, t, text.hidden, mask, train=True, return_repa=want_repa
     )
-    v = out[0] if want_repa else out
+    v = flow.velocity_from_output(out[0] if want_repa else out, xt, t, c.flow.get("predict", "v"))
     fm = flow.flow_matching_loss(v, x1, eps)
     metrics = {"flow": fm}
     loss = fm
