@@ -137,6 +137,7 @@ def stage2_config(p) -> ml_collections.ConfigDict:
           repa_block=2 if demo else 8,  # REPA on block-8 features (METHODS.md)
           attention_impl="xla",  # 'xla', 'jax' (jax.nn), 'cudnn' or 'pallas' (GPU/TPU flash)
           remat=not demo,  # rematerialise blocks to save activation memory at scale
+          conv_head=0,  # features of a 3x3-conv output head (not in RaPD; 0 = linear head)
       )
   )
   c.text = ml_collections.ConfigDict()

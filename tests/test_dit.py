@@ -286,3 +286,33 @@ def test_attention_impl_that_cannot_run_here_is_one_line():
     with kernels.interpret(True):
       q = jnp.zeros((1, 20, 1, 8))
       layers.dot_product_attention(q, q, q, impl="pallas")
+
+
+def test_conv_head_starts_at_zero_and_draws_across_patch_seams():
+  model = MODEL.clone(conv_head=3)
+  x, t, text, mask = _inputs()
+  variables = jax.jit(model.init)(jax.random.key(0), x, t, text, mask)
+  assert float(jnp.abs(model.apply(variables, x, t, text, mask)).max()) == 0.0
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(
+      lambda p: jnp.asarray(p + 0.2 * rng.standard_normal(p.shape, np.float32)),
+      nn.meta.unbox(variables),
+  )
+  v, inter = model.apply(params, x, t, text, mask, capture_intermediates=True)
+  assert v.shape == x.shape
+  # Known answer: v = conv3x3(silu(unpatchify(final tokens))) with zero padding.
+  tokens = inter["intermediates"]["final"]["__call__"][0]  # [B, N, p*p*3]
+  feats = jax.nn.silu(layers.unpatchify(tokens, 8, 8, 2))
+  conv = params["params"]["final_conv"]
+  want = (
+      jax.lax.conv_general_dilated(
+          feats,
+          conv["kernel"],
+          (1, 1),
+          ((1, 1), (1, 1)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+      + conv["bias"]
+  )
+  np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-5)
+  assert conv["kernel"].shape == (3, 3, 3, 4)

@@ -161,6 +161,11 @@ class DiT(nn.Module):
   # attention on GPU/TPU; layers.dot_product_attention)
   attention_impl: str = "xla"
   remat: bool = False  # rematerialise each block in the backward pass (saves memory)
+  # Convolutional output head (not in RaPD; 0 = off, the paper's linear head): the final
+  # Linear gives p*p*conv_head features per token, unpatchified to a [h, w, conv_head]
+  # grid, then SiLU and a zero-initialised 3 x 3 conv to C, so every output cell also sees
+  # the neighbouring tokens' features and the patch seams can be drawn across.
+  conv_head: int = 0
   dtype: Dtype = jnp.float32  # compute dtype (bf16 in the paper)
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
@@ -220,8 +225,15 @@ class DiT(nn.Module):
     mod = layers.dense(2 * self.width, _MOD_AXES, dt, pdt, zero=True, name="final_mod")
     shift, scale = jnp.split(mod(nn.silu(cond)), 2, axis=-1)
     out = modulate(_layer_norm(dt, name="final_norm")(tokens), shift, scale)
-    out = layers.dense(p * p * c, ("embed", None), dt, pdt, zero=True, name="final")(out)
-    v = unpatchify(out, h, w, p).astype(jnp.float32)  # [B, h, w, C]
+    if self.conv_head:
+      k = self.conv_head
+      out = layers.dense(p * p * k, ("embed", None), dt, pdt, name="final")(out)
+      out = nn.silu(unpatchify(out, h, w, p))  # [B, h, w, k]
+      out = layers.conv(c, 3, dt, pdt, zero=True, name="final_conv")(out)
+      v = out.astype(jnp.float32)  # [B, h, w, C]
+    else:
+      out = layers.dense(p * p * c, ("embed", None), dt, pdt, zero=True, name="final")(out)
+      v = unpatchify(out, h, w, p).astype(jnp.float32)  # [B, h, w, C]
     if return_repa:
       return v, repa
     return v
