@@ -187,6 +187,9 @@ def stage2_config(p) -> ml_collections.ConfigDict:
   # 0.20 for (0, 1) (README: RaPD stage 2 on the demo).
   c.sample.cfg_interval = (0.0, 1.0)
   c.sample.shift = 0.0  # Euler-grid shift; 0 = the training shift (flow.shift)
+  # Stochasticity of each step (infdiff.diffusion.sampler.euler_sample): 0 is the Euler ODE
+  # (Sec. 3.4.2), 1 re-noises like ancestral DDPM sampling.
+  c.sample.eta = 0.0
   c.sample.batch_size = 8  # latents denoised per compiled call
   # Render tile side (static shape). A 512 tile of the paper-size CQAR peaks at ~12.6 GiB
   # on CPU (benchmarks/render_memory.py); 256 keeps a quarter of that.

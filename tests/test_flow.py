@@ -130,6 +130,44 @@ def test_euler_cfg_interval_guides_only_inside_it():
   np.testing.assert_allclose(none, np.broadcast_to(cond[:, None], (2, 3)), atol=1e-5)
 
 
+def _gaussian_velocity(s2):
+  """Exact velocity when the data is N(0, s2): x1_hat = E[x1 | x_t], eps_hat from x_t."""
+
+  def velocity_fn(x, t, cond):
+    del cond
+    t = t.reshape((-1,) + (1,) * (x.ndim - 1))
+    x1 = t * s2 * x / (t**2 * s2 + (1.0 - t) ** 2)
+    return x1 - (x - t * x1) / (1.0 - t)
+
+  return velocity_fn
+
+
+def test_stochastic_steps_keep_the_distribution_and_batch_independence():
+  s2 = 0.25
+  velocity_fn = _gaussian_velocity(s2)
+  n = 4000
+  noise = jax.random.normal(jax.random.key(7), (n, 1))
+  keys = jax.random.split(jax.random.key(8), n)
+  kw = dict(num_steps=200, shift=1.0)
+  ode = euler_sample(velocity_fn, noise, **kw)
+  np.testing.assert_allclose(ode, euler_sample(velocity_fn, noise, eta=0.0, keys=keys, **kw))
+  sde = euler_sample(velocity_fn, noise, eta=1.0, keys=keys, **kw)
+  for out in (ode, sde):
+    assert abs(float(jnp.var(out)) - s2) < 0.025  # 4000 samples: std error of var ~ 0.006
+  # Stochastic: the noise moved the samples (an ODE is a deterministic map of noise).
+  assert float(jnp.mean(jnp.abs(sde - ode))) > 0.1
+  # Sample i's result depends only on its own noise and key, not on the batch.
+  part = euler_sample(velocity_fn, noise[5:9], eta=1.0, keys=keys[5:9], **kw)
+  np.testing.assert_allclose(part, sde[5:9], atol=1e-5)
+  # A point mass at c: x1_hat = c at every step, so any eta ends exactly at c.
+  c = 0.7
+  point = lambda x, t, cond: (c - x) / (1.0 - t.reshape((-1, 1)))
+  out = euler_sample(point, noise[:16], num_steps=5, shift=3.0, eta=0.5, keys=keys[:16])
+  np.testing.assert_allclose(out, c, atol=1e-5)
+  with pytest.raises(ValueError, match="needs per-sample keys"):
+    euler_sample(velocity_fn, noise, eta=1.0, **kw)
+
+
 def test_euler_traces_denoiser_once_and_calls_it_num_steps_times():
   traces, calls, times = [], [], []
 

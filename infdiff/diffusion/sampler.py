@@ -48,6 +48,8 @@ def euler_sample(
     cond: Any = None,
     uncond: Any = None,
     cfg_interval: tuple[float, float] | None = None,
+    eta: float = 0.0,
+    keys: jax.Array | None = None,
 ) -> jax.Array:
   """Euler integration of the learned velocity from noise to data.
 
@@ -61,9 +63,20 @@ def euler_sample(
     uncond: unconditional pytree with the same structure (e.g. the empty text); None
       disables CFG and the batch is not doubled.
 
+    eta: stochasticity (static). 0 is the Euler ODE step. Above 0 each step goes through
+      the predictions x1_hat = x + (1 - t) v and eps_hat = x - t v and re-noises as DDIM
+      does (Song et al. 2021, written for x_t = t x_1 + (1 - t) eps):
+      x' = t' x1_hat + sqrt((1 - t')^2 - s^2) eps_hat + s z, with
+      s^2 = eta^2 (1 - t')^2 (1 - (t (1 - t') / (t' (1 - t)))^2); eta = 1 is ancestral
+      (DDPM-like) sampling, and eta = 0 gives exactly the Euler step.
+    keys: [B] typed PRNG keys, one per sample (needed when eta > 0); step i draws z from
+      fold_in(keys[b], i), so a sample's noise does not depend on its batch.
+
   Returns:
     x_1 [B, ...] in noise's dtype.
   """
+  if eta and keys is None:
+    raise ValueError("euler_sample with eta > 0 needs per-sample keys")
   ts = time_grid(num_steps, shift)
   b = noise.shape[0]
   # Bound outside the loop, so cond and uncond are concatenated once, not per step.
@@ -75,7 +88,15 @@ def euler_sample(
 
   def step(i, x):
     t, t_next = ts[i], ts[i + 1]
-    return x + (t_next - t) * velocity(x, jnp.full((b,), t))
+    v = velocity(x, jnp.full((b,), t))
+    if not eta:
+      return x + (t_next - t) * v
+    x1_hat, eps_hat = x + (1.0 - t) * v, x - t * v
+    s_next = 1.0 - t_next
+    ratio = t * s_next / jnp.maximum(t_next * (1.0 - t), 1e-12)
+    var = jnp.clip(eta**2 * s_next**2 * (1.0 - ratio**2), 0.0, s_next**2)
+    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(keys)
+    return t_next * x1_hat + jnp.sqrt(s_next**2 - var) * eps_hat + jnp.sqrt(var) * z
 
   x = jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
   return x.astype(noise.dtype)

@@ -82,6 +82,7 @@ class TextToImage(base.LatentGenerator):
       batch_size=None,
       cfg_interval=None,
       shift=None,
+      eta=None,
   ):
     s = method.cfg.sample
     self.method = method
@@ -94,6 +95,7 @@ class TextToImage(base.LatentGenerator):
     # The Euler grid's shift: the training shift unless sample.shift (or shift=) is set.
     self.shift = float(shift or s.get("shift", 0.0) or method.cfg.flow.shift)
     self.batch_size = int(batch_size or s.batch_size)
+    self.eta = float(s.get("eta", 0.0) if eta is None else eta)  # 0: Euler ODE
     self.max_size = int(s.max_size)
     self.autoencoder = Autoencoder(
         method.ae, method.s1_cfg, aux["ae"], tile=int(s.tile), batch=self.batch_size
@@ -112,7 +114,7 @@ class TextToImage(base.LatentGenerator):
     self.autoencoder.set_params(aux["ae"])
 
   # --- denoising ----------------------------------------------------------------------
-  def _denoise_impl(self, params, aux, ids, mask, noise, cfg_scale):
+  def _denoise_impl(self, params, aux, ids, mask, noise, key_data, cfg_scale):
     self.trace_count += 1
     m = self.method
     p = params["model"]
@@ -135,6 +137,8 @@ class TextToImage(base.LatentGenerator):
         cond=(cond.hidden, mask),
         uncond=(uncond.hidden, jnp.zeros_like(mask)),
         cfg_interval=self.cfg_interval,
+        eta=self.eta,
+        keys=jax.random.wrap_key_data(key_data),
     )
     return m.denormalise(aux, x1)  # [B, r, r, C]
 
@@ -167,8 +171,18 @@ class TextToImage(base.LatentGenerator):
                 for i in range(start, start + n)
             ]
         )
+        # Sample i's noise for stochastic steps (eta > 0): its own stream, fold_in 1 of its key.
+        key_data = np.stack(
+            [
+                np.asarray(jax.random.fold_in(jax.random.fold_in(key, i), 1))  # raw uint32 [2]
+                for i in range(start, start + n)
+            ]
+        )
         pad = b - n  # fixed batch: one compile whatever the number of prompts
-        chunk = [np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in (ids[sl], mask[sl], noise)]
+        chunk = [
+            np.concatenate([a, np.repeat(a[-1:], pad, 0)])
+            for a in (ids[sl], mask[sl], noise, key_data)
+        ]
         z = self._denoise(self.params, self.aux, *chunk, jnp.float32(self.cfg_scale))
         out.append(np.asarray(jax.device_get(z))[:n])
     return np.concatenate(out)

@@ -235,10 +235,10 @@ class Method(base.Method):
   # --- sampling ---------------------------------------------------------------------
   def make_inference(self, params, aux, **options):
     """The text-to-image `Generator` (options: num_steps, cfg_scale, batch_size, cfg_interval,
-    shift; each defaults to rapd_stage2.sample)."""
+    shift, eta; each defaults to rapd_stage2.sample)."""
     from infdiff.methods.rapd import pipeline
 
-    allowed = {"num_steps", "cfg_scale", "batch_size", "cfg_interval", "shift"}
+    allowed = {"num_steps", "cfg_scale", "batch_size", "cfg_interval", "shift", "eta"}
     unknown = sorted(set(options) - allowed)
     if unknown:
       raise ValueError(f"{self.stage} sampling has no option(s) {', '.join(unknown)}")
