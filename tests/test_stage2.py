@@ -29,9 +29,6 @@ TINY = [
     "--config.rapd_stage2.sample.tile=32",
     "--config.rapd_stage2.sample.max_size=1024",
     "--config.rapd_stage2.sample.sizes=(16,32)",
-    # The demo predicts x; after 4 steps its zero-initialised output is still ~constant, so
-    # every seed would give the same image. Velocity prediction keeps the noise visible.
-    "--config.rapd_stage2.flow.predict=v",
 ]
 
 
