@@ -56,7 +56,8 @@ def main(argv=None):
   grid = np.asarray(flow.shift_t(np.linspace(0.0, 1.0, gen.num_steps + 1), gen.shift))
 
   def velocity_fn(x, t, c):
-    return m.dit.apply({"params": p["dit"]}, x, t, c[0], c[1])
+    out = m.dit.apply({"params": p["dit"]}, x, t, c[0], c[1])
+    return flow.velocity_from_output(out, x, t, m.cfg.flow.get("predict", "v"))
 
   cats = list(shapes.CATEGORIES)
   print(
