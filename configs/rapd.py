@@ -172,6 +172,10 @@ def stage2_config(p) -> ml_collections.ConfigDict:
   use_repa = p.repa and (bool(p.teacher) or not demo)
   c.repa.weight = 0.5 if use_repa else 0.0  # Table 5: 0.5; needs the DINOv2 teacher
   c.repa.teacher_path = p.teacher
+  # What the projected block features align with: 'dinov2' (the paper: the teacher's patch
+  # tokens) or 'shapes' (not in RaPD; needs data.source=shapes and no weights): per-token
+  # class, colour and part features of the built-in scenes (shapes.semantic_map).
+  c.repa.target = "dinov2"
   c.repa.hidden = 256 if demo else 2048  # projector MLP width
   # Table 5's stage-2 learning rate is lost in the text: 1e-4 (choice), constant after
   # warmup as in DiT/SiT; the demo decays its higher peak over its short run.
@@ -271,7 +275,7 @@ def get_config(arg=None):
           ),
           repa_teacher=need(
               "rapd_stage2.repa.teacher_path",
-              when="rapd_stage2.repa.weight",
+              when="rapd_stage2.repa.weight&rapd_stage2.repa.target=dinov2",
               stage="rapd_stage2",
               what="DINOv2 REPA teacher",
               give="teacher=DIR",

@@ -105,7 +105,7 @@ def required_path(
     path: dotted config field holding the directory, e.g. 'rapd_stage1.lpips_path'.
     when: dotted field that makes the directory necessary: a number > 0 or a true value
       (e.g. a loss weight), or 'field=value' for an equality, e.g.
-      'rapd_stage2.text.encoder=qwen3'.
+      'rapd_stage2.text.encoder=qwen3'; several joined by '&' must all hold.
     stage: the stage that needs it; the entry is skipped unless it is in config.stages.
     what: what the directory holds, for the message (e.g. 'VGG16-LPIPS').
     give: how to give it with a preset, e.g. 'lpips=DIR'.
@@ -127,6 +127,8 @@ def _field(config, dotted: str):
 
 
 def _switched_on(config, when: str) -> bool:
+  if "&" in when:
+    return all(_switched_on(config, part) for part in when.split("&"))
   field, sep, value = when.partition("=")
   got = _field(config, field)
   if sep:

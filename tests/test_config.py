@@ -133,6 +133,13 @@ def test_losses_switched_off_explicitly_pass_the_check(tmp_path):
   with pytest.raises(ValueError, match="teacher_path") as e:
     config_lib.check_required_paths(_rapd("lpips=none"))
   assert "lpips_path" not in str(e.value)
+  # REPA on the built-in scenes' semantic target needs no teacher directory ('&' conditions).
+  c = _rapd("lpips=none,distill=False,stage2,text_encoder=/")
+  with pytest.raises(ValueError, match="repa.teacher_path"):
+    config_lib.check_required_paths(c)
+  c.rapd_stage2.repa.target = "shapes"
+  assert c.rapd_stage2.repa.weight == 0.5
+  config_lib.check_required_paths(c)
 
 
 def test_demo_passes_the_check_without_directories(tmp_path):

@@ -206,3 +206,32 @@ def test_detector_leaves_non_shapes_unclassified():
   assert dets["red"]["class"] is None and dets["red"]["iou"] < shapes_detector.MIN_IOU
   assert dets["blue"]["class"] == "square"
   np.testing.assert_allclose(dets["blue"]["centroid"], [-1 + 95 / 64, -1 + 95 / 64], atol=1e-6)
+
+
+def test_semantic_map_known_answer():
+  """One red circle of radius 0.5 at the centre: class and colour coverage equal its area,
+  the offsets cancel by symmetry, background fills the rest."""
+  scene = {
+      "objects": [
+          {"class": "circle", "colour": "red", "centre": [0.0, 0.0], "size": 0.5, "angle": 0.0}
+      ]
+  }
+  m = shapes.semantic_map(scene, 4, sub=16)
+  names = shapes.SEMANTIC_FEATURES
+  assert m.shape == (4, 4, shapes.SEMANTIC_DIM) == (4, 4, len(names))
+  cov = m[..., names.index("class:circle")]
+  # Mean coverage over the domain [-1, 1]^2 is the circle's area / 4.
+  assert cov.mean() == pytest.approx(np.pi * 0.25 / 4.0, abs=2e-3)
+  np.testing.assert_allclose(m[..., names.index("colour:red")], cov)
+  np.testing.assert_allclose(m[..., 0] + cov, 1.0, atol=1e-6)
+  for other in ("class:square", "class:star", "colour:blue"):
+    assert np.all(m[..., names.index(other)] == 0.0)
+  # The four middle cells each hold a quarter of the circle; the row offset is negative
+  # in the upper ones, the column offset in the left ones, and both sum to zero.
+  mid = cov[1:3, 1:3]
+  np.testing.assert_allclose(mid, mid[0, 0], atol=1e-6)
+  dr, dc = m[..., names.index("offset:row")], m[..., names.index("offset:col")]
+  assert dr[1, 1] < 0 < dr[2, 1] and dc[1, 1] < 0 < dc[1, 2]
+  assert abs(dr.sum()) < 1e-5 and abs(dc.sum()) < 1e-5
+  # A quarter disc's centroid lies 4 / (3 pi) of the radius from the centre.
+  assert -dr[1, 1] / mid[0, 0] == pytest.approx(4.0 / (3.0 * np.pi), abs=0.02)

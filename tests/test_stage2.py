@@ -148,3 +148,40 @@ def test_stage2_with_qwen3_text_and_repa_through_the_ports(run_dir, tmp_path):
   loss, metrics = m.loss("model", params, m.prepare(None), batch, jax.random.PRNGKey(1), 0)
   assert np.isfinite(float(loss)) and -1.0 <= float(metrics["repa"]) <= 1.0
   assert float(loss) == pytest.approx(float(metrics["flow"] + 0.5 * metrics["repa"]), rel=1e-5)
+
+
+def test_stage2_repa_on_the_shapes_semantic_target(run_dir, tmp_path):
+  """REPA without weights: the data pipeline adds per-token scene semantics as the target."""
+  import json
+
+  import flax.linen as nn
+  import jax
+  import ml_collections
+
+  from infdiff.data import shapes
+  from infdiff.methods.rapd.stage2 import Method
+
+  c = ml_collections.ConfigDict(json.loads((run_dir / "rapd_stage2" / "config.json").read_text()))
+  s = c.rapd_stage2
+  s.stage1_workdir = str(run_dir)
+  s.repa.weight, s.repa.target, s.repa.hidden = 0.5, "shapes", 16
+  m = Method(c, "rapd_stage2", str(tmp_path / "s2"))
+  src = shapes.ShapesSource(size=64, num_scenes=4)
+  fn = m.data_transform("train")
+  recs = [fn(src[i], np.random.default_rng(i), np.random.default_rng(0)) for i in range(2)]
+  g = m.latent_size // s.dit.patch
+  assert recs[0]["semantic"].shape == (g, g, shapes.SEMANTIC_DIM)
+  np.testing.assert_allclose(
+      recs[1]["semantic"], shapes.semantic_map(src.scene(1), g), rtol=0, atol=0
+  )
+  batch = {
+      k: np.stack([r[k] for r in recs]) for k in ("image", "text_ids", "text_mask", "semantic")
+  }
+  params = {"model": nn.unbox(m.init(jax.random.PRNGKey(0), batch)["model"])}
+  assert params["model"]["repa"]["fc3"]["kernel"].shape[-1] == shapes.SEMANTIC_DIM
+  loss, metrics = m.loss("model", params, m.prepare(None), batch, jax.random.PRNGKey(1), 0)
+  assert -1.0 <= float(metrics["repa"]) <= 1.0
+  assert float(loss) == pytest.approx(float(metrics["flow"] + 0.5 * metrics["repa"]), rel=1e-5)
+  c.data.source = "photos"
+  with pytest.raises(ValueError, match="needs data.source=shapes"):
+    Method(c, "rapd_stage2", str(tmp_path / "s2b"))

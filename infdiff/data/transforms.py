@@ -14,6 +14,7 @@ Each training method builds its own (`Method.data_transform`); `make_transform(n
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,8 +22,10 @@ import numpy as np
 from PIL import Image
 
 from infdiff import fields
+from infdiff.data import shapes
 
-PASSTHROUGH = ("caption", "id")  # string fields carried from input to output records
+# String fields carried from input to output records ('meta': the built-in scenes' JSON).
+PASSTHROUGH = ("caption", "id", "meta")
 
 
 def _passthrough(record: dict[str, Any]) -> dict[str, Any]:
@@ -379,6 +382,29 @@ class Tokenize:
     out = dict(record)
     out["text_ids"] = np.asarray(ids, np.int32)
     out["text_mask"] = np.asarray(mask, np.int32)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesSemantics:
+  """Adds 'semantic' float32 [grid, grid, D]: `shapes.semantic_map` of the record's scene.
+
+  For records of the built-in `shapes` source (their 'meta' JSON). The map covers the
+  whole scene, so it must follow transforms that keep the whole square image (stage 2's
+  `RandomResizedSquare` with min_scale 1); a crop would no longer match it.
+  """
+
+  grid: int  # cells per side
+  sub: int = 4  # coverage points per cell side
+
+  def __call__(self, record, rng: np.random.Generator, batch_rng: np.random.Generator):
+    del rng, batch_rng
+    if "meta" not in record:
+      raise ValueError(
+          "the shapes semantic target needs scene metadata, which only data.source=shapes has"
+      )
+    out = dict(record)
+    out["semantic"] = shapes.semantic_map(json.loads(record["meta"]), self.grid, self.sub)
     return out
 
 

@@ -134,7 +134,22 @@ class Method(base.Method):
     self.text = TextSide(c, workdir, lambda: source_captions(config.data, c.text.vocab_captions))
     self.dit = build_dit(c, self.text.encoder.width, len(self.latent_mean))
     self.teacher = None
+    self.repa_target = None  # 'dinov2' | 'shapes' while training with REPA
+    self.repa_grid = self.latent_size // c.dit.patch  # one target vector per DiT token
     if c.repa.weight > 0 and training:  # the REPA teacher is training-only
+      self.repa_target = c.repa.get("target", "dinov2")
+    if self.repa_target == "shapes":
+      # Weight-free stand-in for DINOv2 on the built-in scenes: analytic per-token class,
+      # colour and part features (shapes.semantic_map), built by the data pipeline.
+      if config.data.source != "shapes":
+        raise ValueError(
+            f"rapd_stage2.repa.target='shapes' needs data.source=shapes, not "
+            f"{config.data.source!r}"
+        )
+      from infdiff.data import shapes
+
+      self.repa_proj = RepaProjector(c.repa.hidden, shapes.SEMANTIC_DIM)
+    elif self.repa_target == "dinov2":
       if not c.repa.teacher_path:
         raise ValueError("rapd_stage2.repa.weight > 0 needs rapd_stage2.repa.teacher_path (DINOv2)")
       from infdiff import pretrained
@@ -144,15 +159,18 @@ class Method(base.Method):
       g = self.latent_size // c.dit.patch
       self.teacher = teacher.clone(image_size=(g * teacher.patch_size, g * teacher.patch_size))
       self.repa_proj = RepaProjector(c.repa.hidden, int(teacher.hidden_size))
+    elif self.repa_target is not None:
+      raise ValueError(f"rapd_stage2.repa.target={self.repa_target!r}; use 'dinov2' or 'shapes'")
 
   def data_transform(self, split):
     del split
-    return transforms.Compose(
-        (
-            transforms.RandomResizedSquare(size=self.image_size),
-            transforms.Tokenize(self.text.tokenize_one),
-        )
-    )
+    steps = [
+        transforms.RandomResizedSquare(size=self.image_size),
+        transforms.Tokenize(self.text.tokenize_one),
+    ]
+    if self.repa_target == "shapes":
+      steps.append(transforms.ShapesSemantics(grid=self.repa_grid))
+    return transforms.Compose(tuple(steps))
 
   def prepare(self, mesh, training=True):
     del mesh, training  # the teacher is loaded only when training (see __init__)
@@ -173,8 +191,8 @@ class Method(base.Method):
     b, r = batch["image"].shape[0], self.latent_size
     x = jnp.zeros((b, r, r, len(self.latent_mean)), jnp.float32)
     params["dit"] = self.dit.init(r_dit, x, jnp.zeros((b,)), hidden, mask)["params"]
-    if self.teacher is not None:
-      n = (r // self.cfg.dit.patch) ** 2
+    if self.repa_target is not None:
+      n = self.repa_grid**2
       params["repa"] = self.repa_proj.init(r_proj, jnp.zeros((b, n, self.cfg.dit.width)))["params"]
     return {"model": params}
 
@@ -210,7 +228,7 @@ class Method(base.Method):
     keep = flow.drop_text(r_drop, batch["text_mask"], c.text.drop_prob)
     mask = batch["text_mask"] * keep[:, None].astype(batch["text_mask"].dtype)
     text = self.encode_text(p, aux, batch["text_ids"], mask)
-    want_repa = self.teacher is not None
+    want_repa = self.repa_target is not None
     out = self.dit.apply(
         {"params": p["dit"]}, xt, t, text.hidden, mask, train=True, return_repa=want_repa
     )
@@ -221,7 +239,11 @@ class Method(base.Method):
     if want_repa:
       feats = out[1]  # [B, N, width]
       proj = self.repa_proj.apply({"params": p["repa"]}, feats)
-      tgt = self._teacher_targets(aux, batch["image"], x1.shape[1] // c.dit.patch)
+      if self.repa_target == "shapes":
+        sem = batch["semantic"]  # [B, g, g, D]
+        tgt = sem.reshape(b, -1, sem.shape[-1]).astype(jnp.float32)
+      else:
+        tgt = self._teacher_targets(aux, batch["image"], self.repa_grid)
       rl = flow.repa_loss(proj, tgt)
       metrics["repa"] = rl
       loss = loss + c.repa.weight * rl
