@@ -324,3 +324,43 @@ def test_result_json_round_trip():
   back = common.Result.from_json(json.loads(json.dumps(r.to_json())))
   assert back.metric == "m" and back.meta == {"num": 3} and back.note == "note"
   assert back.rows["a"]["x"] == 1.5 and np.isnan(back.rows["a"]["y"])  # inf is stored as null
+
+
+class _DrawsGenerator:
+  """A stand-in generator: each sample is one object of `draw(prompted class)`, red."""
+
+  conditional = True
+
+  def __init__(self, draw):
+    self.draw = draw
+
+  def latents(self, captions, seed=0):
+    del seed
+    return [c.split()[-1] for c in captions]
+
+  def render(self, z, h, w):
+    from infdiff.data import shapes
+
+    scenes = [
+        {
+            "background": [0.85, 0.85, 0.85],
+            "objects": [
+                {"class": self.draw(c), "colour": "red", "centre": [0.1, -0.2], "size": 0.4}
+            ],
+        }
+        for c in z
+    ]
+    return np.stack([shapes.render_scene(s, h, w) for s in scenes])
+
+
+def test_class_confusion_known_answers():
+  mod = _script("shapes_class_confusion")
+  right = mod.confusion(_DrawsGenerator(lambda c: c), num=3, colour="red", size=32)
+  for cls, row in right.items():
+    assert row[cls] == 3 and sum(row.values()) == 3
+  circles = mod.confusion(_DrawsGenerator(lambda c: "circle"), num=2, colour="red", size=32)
+  assert all(row["circle"] == 2 and sum(row.values()) == 2 for row in circles.values())
+  missing = mod.confusion(_DrawsGenerator(lambda c: c), num=2, colour="blue", size=32)
+  assert all(row["missing"] == 2 for row in missing.values())
+  with pytest.raises(ValueError, match="unknown colour"):
+    mod.confusion(_DrawsGenerator(lambda c: c), num=1, colour="pink", size=32)
