@@ -174,7 +174,9 @@ def stage2_config(p) -> ml_collections.ConfigDict:
   c.repa.teacher_path = p.teacher
   # What the projected block features align with: 'dinov2' (the paper: the teacher's patch
   # tokens) or 'shapes' (not in RaPD; needs data.source=shapes and no weights): per-token
-  # class, colour and part features of the built-in scenes (shapes.semantic_map).
+  # class, colour and part features of the built-in scenes (shapes.semantic_map). With
+  # weight 0.5 on the demo it moved neither ShapesEval nor the classes drawn (README: RaPD
+  # stage 2 on the demo), so no preset turns it on.
   c.repa.target = "dinov2"
   c.repa.hidden = 256 if demo else 2048  # projector MLP width
   # Table 5's stage-2 learning rate is lost in the text: 1e-4 (choice), constant after
