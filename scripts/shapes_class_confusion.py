@@ -28,7 +28,10 @@ def confusion(gen, num: int, colour: str, size: int, seed: int = 0) -> dict[str,
   """{prompted class: {column: count}} over `num` samples per class (module docstring)."""
   if colour not in shapes.PALETTE:
     raise ValueError(f"unknown colour {colour!r}; use one of {', '.join(shapes.COLOURS)}")
-  captions = [f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {c}" for c in shapes.CLASSES]
+  captions = [
+      shapes.caption({"category": "single_object", "objects": [{"class": c, "colour": colour}]})
+      for c in shapes.CLASSES
+  ]
   table = {}
   for cls, caption in zip(shapes.CLASSES, captions):
     row = dict.fromkeys(COLUMNS, 0)

@@ -16,7 +16,7 @@ from absl import logging
 
 from infdiff import runs
 from infdiff.data import pipeline as data_pipeline
-from infdiff.data import transforms
+from infdiff.data import shapes, transforms
 from infdiff.diffusion import flow
 from infdiff.methods import base
 from infdiff.methods.rapd.stage1 import inference_params
@@ -32,8 +32,6 @@ def source_captions(data_cfg, limit: int) -> list[str]:
   source = data_pipeline.source_from_config(data_cfg, split="train")
   n = min(len(source), limit)
   if hasattr(source, "scene"):  # built-in shapes: captions come from scene parameters
-    from infdiff.data import shapes
-
     return [shapes.caption(source.scene(i)) for i in range(n)]
   if hasattr(source, "caption"):
     return [source.caption(i) for i in range(n)]
@@ -146,8 +144,6 @@ class Method(base.Method):
             f"rapd_stage2.repa.target='shapes' needs data.source=shapes, not "
             f"{config.data.source!r}"
         )
-      from infdiff.data import shapes
-
       self.repa_proj = RepaProjector(c.repa.hidden, shapes.SEMANTIC_DIM)
     elif self.repa_target == "dinov2":
       if not c.repa.teacher_path:
@@ -156,8 +152,8 @@ class Method(base.Method):
 
       teacher, self._teacher_params = pretrained.load("dinov2", c.repa.teacher_path)
       # One teacher patch per DiT token: resize the teacher's input to grid * its patch.
-      g = self.latent_size // c.dit.patch
-      self.teacher = teacher.clone(image_size=(g * teacher.patch_size, g * teacher.patch_size))
+      side = self.repa_grid * teacher.patch_size
+      self.teacher = teacher.clone(image_size=(side, side))
       self.repa_proj = RepaProjector(c.repa.hidden, int(teacher.hidden_size))
     elif self.repa_target is not None:
       raise ValueError(f"rapd_stage2.repa.target={self.repa_target!r}; use 'dinov2' or 'shapes'")
