@@ -129,6 +129,22 @@ def test_source_deterministic_and_splits_disjoint():
     train.scene(50)
 
 
+def test_source_categories_subset():
+  both = ("counting", "position")
+  src = shapes.ShapesSource(size=16, num_scenes=40, seed=3, categories=both)
+  cats = [src.scene(i)["category"] for i in range(len(src))]
+  assert set(cats) == set(both)  # both drawn, nothing else
+  assert src.scene(5) == shapes.ShapesSource(size=16, num_scenes=40, seed=3, categories=both).scene(
+      5
+  )
+  # The full list is the default, scene for scene.
+  full = shapes.ShapesSource(size=16, num_scenes=40, seed=3, categories=shapes.CATEGORIES)
+  assert full.scene(9) == shapes.ShapesSource(size=16, num_scenes=40, seed=3).scene(9)
+  for bad in (("single_object", "singel_object"), ()):
+    with pytest.raises(ValueError, match="subset of"):
+      shapes.ShapesSource(categories=bad)
+
+
 def test_eval_prompts():
   prompts = shapes.eval_prompts(3, seed=0)
   assert [p[0] for p in prompts] == [c for c in shapes.CATEGORIES for _ in range(3)]

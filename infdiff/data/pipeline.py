@@ -72,7 +72,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.max_decode_retries = 16  # consecutive undecodable files tolerated before an error
   c.keep_strings = False  # keep 'caption'/'id' in batches as numpy object arrays
   c.drop_remainder = True  # drop a last partial batch (finite epochs only)
-  # Extra source options: 'shapes' size/num_scenes/seed, 'photos' include_gray,
+  # Extra source options: 'shapes' size/num_scenes/seed/categories, 'photos' include_gray,
   # 'tfds:' image_feature/caption_feature.
   c.source_kwargs = ml_collections.ConfigDict()
   # Side of the built-in 'shapes' images. They are rendered analytically, so make it at

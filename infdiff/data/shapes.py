@@ -397,6 +397,8 @@ class ShapesSource:
     seed: dataset seed.
     split: 'train' or 'eval'.
     rotate: random shape rotations (see `sample_scene`).
+    categories: the categories scenes are drawn from, uniformly (default: all six of
+      CATEGORIES), e.g. ('single_object',) to train on one GenEval category.
   """
 
   def __init__(
@@ -406,14 +408,22 @@ class ShapesSource:
       seed: int = 0,
       split: str = "train",
       rotate: bool = False,
+      categories: tuple[str, ...] | None = None,
   ):
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
+    categories = CATEGORIES if categories is None else tuple(categories)
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown or not categories:
+      raise ValueError(
+          f"shapes categories {list(categories)}: expected a non-empty subset of {CATEGORIES}"
+      )
     self.size = size
     self.num_scenes = num_scenes
     self.seed = seed
     self.split = split
     self.rotate = rotate
+    self.categories = categories
 
   def __len__(self) -> int:
     return self.num_scenes
@@ -423,7 +433,10 @@ class ShapesSource:
     if not 0 <= i < self.num_scenes:
       raise IndexError(f"index {i} out of range for {self.num_scenes} scenes")
     rng = _item_rng(self.seed, SPLITS[self.split], int(i))
-    return sample_scene(rng, None, rotate=self.rotate)
+    if self.categories == CATEGORIES:  # the default keeps the scenes of earlier versions
+      return sample_scene(rng, None, rotate=self.rotate)
+    category = self.categories[rng.integers(len(self.categories))]
+    return sample_scene(rng, category, rotate=self.rotate)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     i = int(i)
@@ -439,7 +452,7 @@ class ShapesSource:
   def __repr__(self) -> str:
     return (
         f"ShapesSource(size={self.size}, num_scenes={self.num_scenes}, seed={self.seed}, "
-        f"split={self.split!r}, rotate={self.rotate})"
+        f"split={self.split!r}, rotate={self.rotate}, categories={self.categories})"
     )
 
 
