@@ -90,6 +90,15 @@ def test_repa_loss():
   assert float(jnp.abs(grad_target).max()) == 0.0  # the teacher is frozen
 
 
+def test_repa_loss_token_weights():
+  # Token 0 aligned, token 1 opposite: weights pick the mean of the cosines they select.
+  a = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+  b = jnp.array([[[2.0, 0.0], [0.0, -1.0]]])
+  np.testing.assert_allclose(flow.repa_loss(a, b), 0.0, atol=1e-6)
+  np.testing.assert_allclose(flow.repa_loss(a, b, jnp.array([[1.0, 0.0]])), -1.0, atol=1e-6)
+  np.testing.assert_allclose(flow.repa_loss(a, b, jnp.array([[3.0, 1.0]])), -0.5, atol=1e-6)
+
+
 def test_euler_cfg_exact_on_constant_velocity():
   # With a time-independent velocity the Euler steps sum to exactly one unit of time.
   def velocity_fn(x, t, cond):

@@ -182,6 +182,12 @@ def test_stage2_repa_on_the_shapes_semantic_target(run_dir, tmp_path):
   loss, metrics = m.loss("model", params, m.prepare(None), batch, jax.random.PRNGKey(1), 0)
   assert -1.0 <= float(metrics["repa"]) <= 1.0
   assert float(loss) == pytest.approx(float(metrics["flow"] + 0.5 * metrics["repa"]), rel=1e-5)
+  # Foreground weighting: the same features and targets, tokens weighted by object coverage.
+  s.repa.foreground = True
+  m_fg = Method(c, "rapd_stage2", str(tmp_path / "s2fg"))
+  _, fg = m_fg.loss("model", params, m_fg.prepare(None), batch, jax.random.PRNGKey(1), 0)
+  assert float(fg["flow"]) == pytest.approx(float(metrics["flow"]), rel=1e-6)
+  assert abs(float(fg["repa"]) - float(metrics["repa"])) > 1e-4
   c.data.source = "photos"
   with pytest.raises(ValueError, match="needs data.source=shapes"):
     Method(c, "rapd_stage2", str(tmp_path / "s2b"))

@@ -127,18 +127,23 @@ def drop_text(rng: jax.Array, mask_or_ids, p: float) -> jax.Array:
   return jax.random.uniform(rng, (mask_or_ids.shape[0],)) >= p
 
 
-def repa_loss(proj_feats, target_feats):
+def repa_loss(proj_feats, target_feats, weights=None):
   """REPA alignment: negative mean cosine similarity over batch and tokens.
 
   Args:
     proj_feats: [B, N, D] projected denoiser features.
     target_feats: [B, N, D] frozen teacher features (no gradient flows into them).
+    weights: optional [B, N] non-negative token weights; the mean is then weighted.
 
   Returns:
-    Scalar in [-1, 1]; -1 when every token is aligned.
+    Scalar in [-1, 1]; -1 when every (weighted) token is aligned.
   """
   a = proj_feats.astype(jnp.float32)
   b = jax.lax.stop_gradient(target_feats).astype(jnp.float32)
   a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-6)
   b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-6)
-  return -jnp.mean(jnp.sum(a * b, axis=-1))
+  cos = jnp.sum(a * b, axis=-1)  # [B, N]
+  if weights is None:
+    return -jnp.mean(cos)
+  w = jax.lax.stop_gradient(jnp.asarray(weights, jnp.float32))
+  return -jnp.sum(cos * w) / jnp.maximum(jnp.sum(w), 1e-8)

@@ -235,12 +235,17 @@ class Method(base.Method):
     if want_repa:
       feats = out[1]  # [B, N, width]
       proj = self.repa_proj.apply({"params": p["repa"]}, feats)
+      weights = None
       if self.repa_target == "shapes":
         sem = batch["semantic"]  # [B, g, g, D]
         tgt = sem.reshape(b, -1, sem.shape[-1]).astype(jnp.float32)
+        # 'foreground': each token weighted by the share of it that objects cover, so the
+        # (easily matched) background tokens do not dominate the alignment.
+        if c.repa.get("foreground", False):
+          weights = 1.0 - tgt[..., shapes.SEMANTIC_FEATURES.index("background")]
       else:
         tgt = self._teacher_targets(aux, batch["image"], self.repa_grid)
-      rl = flow.repa_loss(proj, tgt)
+      rl = flow.repa_loss(proj, tgt, weights)
       metrics["repa"] = rl
       loss = loss + c.repa.weight * rl
     return loss, metrics
