@@ -140,6 +140,12 @@ def test_source_categories_subset():
   # The full list is the default, scene for scene.
   full = shapes.ShapesSource(size=16, num_scenes=40, seed=3, categories=shapes.CATEGORIES)
   assert full.scene(9) == shapes.ShapesSource(size=16, num_scenes=40, seed=3).scene(9)
+  from infdiff.data import pipeline
+
+  d = pipeline.default_data_config()
+  d.shapes_size, d.shapes_categories = 16, ("colors",)
+  src = pipeline.source_from_config(d, split="train")
+  assert {src.scene(i)["category"] for i in range(20)} == {"colors"}
   for bad in (("single_object", "singel_object"), ()):
     with pytest.raises(ValueError, match="subset of"):
       shapes.ShapesSource(categories=bad)

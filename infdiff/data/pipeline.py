@@ -78,6 +78,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Side of the built-in 'shapes' images. They are rendered analytically, so make it at
   # least s_max * enc_size: multi-resolution crops then see real detail, not upsampling.
   c.shapes_size = 64
+  # Categories the built-in 'shapes' scenes are drawn from; () = all six (e.g.
+  # --config.data.shapes_categories="('single_object',)" trains on one GenEval category).
+  c.shapes_categories = ()
   return c
 
 
@@ -93,6 +96,8 @@ def source_from_config(data_cfg, *, split: str | None = None) -> Any:
   kw = dict(_get(data_cfg, "source_kwargs") or {})
   if _get(data_cfg, "source") == "shapes":
     kw.setdefault("size", _get(data_cfg, "shapes_size"))
+    if _get(data_cfg, "shapes_categories"):
+      kw.setdefault("categories", tuple(_get(data_cfg, "shapes_categories")))
   return sources_lib.make_source(
       _get(data_cfg, "source"),
       split=split or _get(data_cfg, "split"),
