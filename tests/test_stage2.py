@@ -188,6 +188,10 @@ def test_stage2_repa_on_the_shapes_semantic_target(run_dir, tmp_path):
   _, fg = m_fg.loss("model", params, m_fg.prepare(None), batch, jax.random.PRNGKey(1), 0)
   assert float(fg["flow"]) == pytest.approx(float(metrics["flow"]), rel=1e-6)
   assert abs(float(fg["repa"]) - float(metrics["repa"])) > 1e-4
+  s.repa.target = "dinov2"
+  with pytest.raises(ValueError, match="foreground=True needs"):
+    Method(c, "rapd_stage2", str(tmp_path / "s2c"))
+  s.repa.target = "shapes"
   c.data.source = "photos"
   with pytest.raises(ValueError, match="needs data.source=shapes"):
     Method(c, "rapd_stage2", str(tmp_path / "s2b"))

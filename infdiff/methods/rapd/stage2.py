@@ -136,6 +136,8 @@ class Method(base.Method):
     self.repa_grid = self.latent_size // c.dit.patch  # one target vector per DiT token
     if c.repa.weight > 0 and training:  # the REPA teacher is training-only
       self.repa_target = c.repa.get("target", "dinov2")
+    if c.repa.get("foreground", False) and c.repa.get("target", "dinov2") != "shapes":
+      raise ValueError("rapd_stage2.repa.foreground=True needs rapd_stage2.repa.target='shapes'")
     if self.repa_target == "shapes":
       # Weight-free stand-in for DINOv2 on the built-in scenes: analytic per-token class,
       # colour and part features (shapes.semantic_map), built by the data pipeline.
