@@ -137,9 +137,11 @@ def test_source_categories_subset():
   assert src.scene(5) == shapes.ShapesSource(size=16, num_scenes=40, seed=3, categories=both).scene(
       5
   )
-  # The full list is the default, scene for scene.
-  full = shapes.ShapesSource(size=16, num_scenes=40, seed=3, categories=shapes.CATEGORIES)
-  assert full.scene(9) == shapes.ShapesSource(size=16, num_scenes=40, seed=3).scene(9)
+  # The default (all six) draws scene for scene what sample_scene draws with no category.
+  full = shapes.ShapesSource(size=16, num_scenes=40, seed=3)
+  for i in (0, 9, 17):
+    rng = np.random.default_rng([3, shapes.SPLITS["train"], i])
+    assert full.scene(i) == shapes.sample_scene(rng, None)
   from infdiff.data import pipeline
 
   d = pipeline.default_data_config()

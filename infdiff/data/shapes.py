@@ -433,8 +433,7 @@ class ShapesSource:
     if not 0 <= i < self.num_scenes:
       raise IndexError(f"index {i} out of range for {self.num_scenes} scenes")
     rng = _item_rng(self.seed, SPLITS[self.split], int(i))
-    if self.categories == CATEGORIES:  # the default keeps the scenes of earlier versions
-      return sample_scene(rng, None, rotate=self.rotate)
+    # The same draw sample_scene makes for category=None, so all six give the same scenes.
     category = self.categories[rng.integers(len(self.categories))]
     return sample_scene(rng, category, rotate=self.rotate)
 
