@@ -74,7 +74,15 @@ def _decode_data_state(blob):
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state=None, force=False) -> bool:
-  """Saves state and iterator state at `step` (asynchronously; see wait_until_finished)."""
+  """Saves state and iterator state at `step` (asynchronously; see wait_until_finished).
+
+  With `force` (off the save schedule: a preemption signal) a step that is already written,
+  e.g. by the periodic save of the same step, is left as it is and False is returned.
+  """
+  if force:
+    wait(mngr)  # a pending write of this step shows in all_steps only once it is finished
+    if step in mngr.all_steps():
+      return False
   args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(_encode_data_state(data_state)),

@@ -263,3 +263,21 @@ def test_checkpoint_check_reports_each_step(runs, tmp_path):
   )
   assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_forced_save_of_a_written_step_keeps_it(tmp_path):
+  """A preemption signal on a step the periodic save just wrote: no StepAlreadyExistsError,
+  and the written checkpoint stays as it was."""
+  import numpy as np
+
+  mngr = ckpt_lib.manager(str(tmp_path / "ck"), keep=3, save_every=1)
+  first = {"w": np.arange(4, dtype=np.float32)}
+  assert ckpt_lib.save(mngr, 7, first, {"pos": 1})
+  assert ckpt_lib.save(mngr, 7, {"w": np.zeros(4, np.float32)}, {"pos": 2}, force=True) is False
+  assert ckpt_lib.save(mngr, 8, first, {"pos": 3}, force=True)
+  ckpt_lib.wait(mngr)
+  assert mngr.all_steps() == [7, 8]
+  state, step = ckpt_lib.restore_params_only(str(tmp_path / "ck"), step=7)
+  assert step == 7
+  np.testing.assert_array_equal(state["w"], first["w"])
+  ckpt_lib.close(mngr)
