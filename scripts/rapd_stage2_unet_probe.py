@@ -1,7 +1,7 @@
 """Probe of RaPD stage 2 with a convolutional denoiser in place of the DiT.
 
 python scripts/rapd_stage2_unet_probe.py --stage1=S --workdir=W [--steps=1500] [--ch=32]
-    [--categories=single_object] [--num=16]
+    [--categories=single_object] [--num=16] [--config.<field>=...]
 
 Trains `configs/rapd.py:long`'s stage 2 on the stage-1 run S (the same latent, flow
 matching, text encoder, trainer and Euler sampler) with the DiT swapped for infdiff's ADM
@@ -15,20 +15,21 @@ the prompted class within a CPU budget? Not a method: nothing here is reachable 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 import flax.linen as nn
 import jax.numpy as jnp
 from absl import app, flags
+from ml_collections import config_flags
 
 from infdiff import runs, train
-from infdiff.data import shapes
 from infdiff.methods.rapd import stage2
 from infdiff.models.unet import UNet
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", f"{ROOT}/configs/rapd.py:long")
 flags.DEFINE_string("stage1", None, "A finished RaPD run (its rapd_stage1 is loaded).")
 flags.DEFINE_string("workdir", None, "Output run directory.")
 flags.DEFINE_integer("steps", 1500, "Stage-2 steps.")
@@ -36,8 +37,6 @@ flags.DEFINE_integer("ch", 32, "UNet base channels.")
 flags.DEFINE_list("categories", ["single_object"], "Training scene categories ('all': six).")
 flags.DEFINE_integer("num", 16, "Samples per class of the confusion table.")
 flags.mark_flags_as_required(["stage1", "workdir"])
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class PooledTextUNet(nn.Module):
@@ -74,10 +73,7 @@ def _patch_denoiser() -> None:
 
 
 def _config():
-  spec = importlib.util.spec_from_file_location("rapd_config", f"{ROOT}/configs/rapd.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("long")
+  c = FLAGS.config  # configs/rapd.py:long unless --config says otherwise
   c.stages = ("rapd_stage2",)
   c.rapd_stage2.stage1_workdir = FLAGS.stage1
   c.total_steps = FLAGS.steps
@@ -91,14 +87,11 @@ def main(argv):
   _patch_denoiser()
   train.train_and_evaluate(_config(), FLAGS.workdir)
   sys.path.insert(0, os.path.join(ROOT, "scripts"))
-  from shapes_class_confusion import COLUMNS, confusion  # pylint: disable=import-outside-toplevel
+  from shapes_class_confusion import confusion, print_table
 
-  table = confusion(runs.load_generator(FLAGS.workdir), FLAGS.num, "red", 32)
-  print(f"{'prompted':10s}" + "".join(f"{c:>9s}" for c in COLUMNS))
-  for cls, row in table.items():
-    print(f"{cls:10s}" + "".join(f"{row[c]:9d}" for c in COLUMNS))
-  right = sum(table[c][c] for c in shapes.CLASSES)
-  print(f"drawn as the prompted class: {right} / {FLAGS.num * len(shapes.CLASSES)}")
+  print_table(
+      confusion(runs.load_generator(FLAGS.workdir), FLAGS.num, "red", 32), FLAGS.num, "red", 32
+  )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,16 @@ def confusion(gen, num: int, colour: str, size: int, seed: int = 0) -> dict[str,
   return table
 
 
+def print_table(table, num: int, colour: str, size: int) -> None:
+  """Prints a `confusion` table and how many samples were drawn as the prompted class."""
+  print(f"prompt 'a {colour} <class>', {num} samples per class at {size}^2")
+  print(f"{'prompted':10s}" + "".join(f"{c:>9s}" for c in COLUMNS))
+  for cls, row in table.items():
+    print(f"{cls:10s}" + "".join(f"{row[c]:9d}" for c in COLUMNS))
+  right = sum(table[c][c] for c in shapes.CLASSES)
+  print(f"drawn as the prompted class: {right} / {num * len(shapes.CLASSES)}")
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", required=True, help="a run with a text-conditioned generator")
@@ -63,12 +73,7 @@ def main(argv=None):
   if not gen.conditional:
     raise SystemExit("error: the run's generator is not text-conditioned")
   table = confusion(gen, args.num, args.colour, args.size, args.seed)
-  print(f"prompt 'a {args.colour} <class>', {args.num} samples per class at {args.size}^2")
-  print(f"{'prompted':10s}" + "".join(f"{c:>9s}" for c in COLUMNS))
-  for cls, row in table.items():
-    print(f"{cls:10s}" + "".join(f"{row[c]:9d}" for c in COLUMNS))
-  right = sum(table[c][c] for c in shapes.CLASSES)
-  print(f"drawn as the prompted class: {right} / {args.num * len(shapes.CLASSES)}")
+  print_table(table, args.num, args.colour, args.size)
 
 
 if __name__ == "__main__":
