@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from infdiff.data import shapes
+from infdiff.data import pipeline, shapes
 from infdiff.evaluators import metrics, shapes_detector
 from infdiff.fields import area_downsample
 
@@ -142,8 +142,6 @@ def test_source_categories_subset():
   for i in (0, 9, 17):
     rng = np.random.default_rng([3, shapes.SPLITS["train"], i])
     assert full.scene(i) == shapes.sample_scene(rng, None)
-  from infdiff.data import pipeline
-
   d = pipeline.default_data_config()
   d.shapes_size, d.shapes_categories = 16, ("colors",)
   src = pipeline.source_from_config(d, split="train")
