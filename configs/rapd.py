@@ -105,6 +105,14 @@ def stage1_config(p) -> ml_collections.ConfigDict:
   c.distill.m1 = 0.5  # cosine margin (Table 5)
   c.distill.m2 = 0.25  # distance-matrix margin (Table 5)
   c.distill.teacher_path = p.teacher  # DINOv2 ViT-B/14 directory
+  # What the latent is distilled from: 'dinov2' (the paper: the teacher's patch tokens) or
+  # 'shapes' (not in RaPD; needs data.source=shapes and no weights): the analytic per-cell
+  # class, colour and part features of the encoder's crop (shapes.semantic_map), a
+  # weight-free stand-in for DINOv2 on the built-in scenes (README: RaPD stage 2).
+  c.distill.target = "dinov2"
+  # With target 'shapes': the feature groups distilled (background, class, colour, offset;
+  # empty = all of shapes.SEMANTIC_FEATURES).
+  c.distill.shapes_features = ()
   c.distill.teacher_grid = (16, 16)  # teacher patch grid the latent is pooled to (224 / 14)
   # Table 5's stage-1 learning rate is lost in the text: 1e-4 (choice). The demo's short
   # run uses a higher peak with warmup and cosine decay over its steps.
@@ -273,7 +281,7 @@ def get_config(arg=None):
           ),
           teacher=need(
               "rapd_stage1.distill.teacher_path",
-              when="rapd_stage1.distill.weight",
+              when="rapd_stage1.distill.weight&rapd_stage1.distill.target=dinov2",
               stage="rapd_stage1",
               what="DINOv2 distillation teacher",
               give="teacher=DIR",

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from infdiff import fields
+from infdiff import config_lib, fields
+from infdiff.data import shapes, transforms
 from infdiff.losses import distill
 from infdiff.methods.rapd.stage1 import Method, _get, _set, roughness
 
@@ -206,3 +207,51 @@ def test_missing_teacher_path_is_one_line_error(tmp_path):
   c.rapd_stage1.distill.teacher_path = str(tmp_path / "nope")
   with pytest.raises(FileNotFoundError, match="config.json"):
     Method(c, "rapd_stage1", str(tmp_path))
+
+
+def test_shapes_distillation_target_is_the_semantic_map_of_the_crop(tmp_path):
+  """distill.target='shapes': no teacher; each record carries the scene semantics of the
+  crop the encoder sees, and the loss distils the projected latent against them."""
+  c = _config()
+  d = c.rapd_stage1.distill
+  d.weight, d.target, d.m1, d.m2 = 0.5, "shapes", 0.0, 0.0
+  m = Method(c, "rapd_stage1", str(tmp_path / "w"))
+  assert m.teacher is None and m.teacher_dim == shapes.SEMANTIC_DIM and m.prepare(None) == {}
+  src = shapes.ShapesSource(size=64, num_scenes=2)
+  fn = m.data_transform("train")
+  recs = [fn(src[i], np.random.default_rng(i), np.random.default_rng(0)) for i in range(2)]
+  for i, rec in enumerate(recs):
+    top, left, side, _ = rec["box"]
+    assert side * 64 >= 16 and rec["semantic"].shape == (2, 2, shapes.SEMANTIC_DIM)
+    want = shapes.semantic_map(shapes.crop_scene(src.scene(i), (top, left, side, side)), 2)
+    np.testing.assert_allclose(rec["semantic"], want, rtol=0, atol=0)
+  batch = {k: np.stack([r[k] for r in recs]) for k in ("image", "target", "coord", "cell")}
+  batch["semantic"] = np.stack([r["semantic"] for r in recs])
+  params = {"model": nn.unbox(m.init(jax.random.PRNGKey(0), batch)["model"])}
+  assert params["model"]["proj"]["Dense_0"]["kernel"].shape[-1] == shapes.SEMANTIC_DIM
+  loss, metrics = m.loss("model", params, m.prepare(None), batch, None, 0)
+  # m1 = m2 = 0: L_distill = mean(1 - cos) + mean |sim_s - sim_t| > 0 for random weights.
+  assert float(metrics["distill"]) > 0 and np.isfinite(float(loss))
+  want = metrics["l1"] + 0.5 * metrics["w_ada"] * metrics["distill"]
+  assert float(loss) == pytest.approx(float(want), rel=1e-5)
+  # Feature groups: background and class only (the class one-hot where objects are).
+  d.shapes_features = ("background", "class")
+  m_bc = Method(c, "rapd_stage1", str(tmp_path / "wbc"))
+  assert m_bc.teacher_dim == 1 + len(shapes.CLASSES)
+  p_bc = {"model": nn.unbox(m_bc.init(jax.random.PRNGKey(0), batch)["model"])}
+  assert np.isfinite(float(m_bc.loss("model", p_bc, {}, batch, None, 0)[0]))
+  d.shapes_features = ("class", "shade")
+  with pytest.raises(ValueError, match="unknown semantic feature group"):
+    Method(c, "rapd_stage1", str(tmp_path / "wbad"))
+  d.shapes_features = ()
+  # No checkpoint directory is needed for this target; the plain crop reports no box.
+  config_lib.check_required_paths(c)
+  assert "box" not in transforms.MultiResCrop(16, 4.0, 16)(
+      src[0], np.random.default_rng(0), np.random.default_rng(0)
+  )
+  c.data.source = "photos"
+  with pytest.raises(ValueError, match="needs data.source=shapes"):
+    Method(c, "rapd_stage1", str(tmp_path / "w2"))
+  c.data.source, d.target = "shapes", "dino"
+  with pytest.raises(ValueError, match="use 'dinov2' or 'shapes'"):
+    Method(c, "rapd_stage1", str(tmp_path / "w3"))

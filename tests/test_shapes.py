@@ -257,3 +257,35 @@ def test_semantic_map_known_answer():
   assert abs(dr.sum()) < 1e-5 and abs(dc.sum()) < 1e-5
   # A quarter disc's centroid lies 4 / (3 pi) of the radius from the centre.
   assert -dr[1, 1] / mid[0, 0] == pytest.approx(4.0 / (3.0 * np.pi), abs=0.02)
+
+
+def test_crop_scene_renders_and_maps_the_window():
+  """A cropped scene renders as the crop of the full render and maps as its sub-grid."""
+  n = 128
+  for seed in range(3):
+    scene = shapes.sample_scene(np.random.default_rng(seed))
+    full = shapes.render_scene(scene, n, n)
+    for top, left, side in ((16, 32, 64), (0, 0, 96), (40, 8, 48)):
+      sub = shapes.crop_scene(scene, (top / n, left / n, side / n, side / n))
+      np.testing.assert_allclose(
+          shapes.render_scene(sub, side, side),
+          full[top : top + side, left : left + side],
+          atol=1e-5,
+      )
+    # Cells of 16 px: the window (16, 32, 64) is cells [1:5, 2:6] of the 8 x 8 map.
+    sub = shapes.crop_scene(scene, (16 / n, 32 / n, 64 / n, 64 / n))
+    np.testing.assert_allclose(
+        shapes.semantic_map(sub, 4), shapes.semantic_map(scene, 8)[1:5, 2:6], atol=1e-5
+    )
+  with pytest.raises(ValueError, match="not square"):
+    shapes.crop_scene(scene, (0.0, 0.0, 0.5, 0.25))
+
+
+def test_semantic_indices_select_feature_groups():
+  names = shapes.SEMANTIC_FEATURES
+  assert shapes.semantic_indices(()) == list(range(shapes.SEMANTIC_DIM))
+  bc = shapes.semantic_indices(("background", "class"))
+  assert [names[i] for i in bc] == ["background"] + [f"class:{c}" for c in shapes.CLASSES]
+  assert [names[i] for i in shapes.semantic_indices(("offset",))] == ["offset:row", "offset:col"]
+  with pytest.raises(ValueError, match="unknown semantic feature group"):
+    shapes.semantic_indices(("colours",))

@@ -206,6 +206,48 @@ SEMANTIC_FEATURES = (
 SEMANTIC_DIM = len(SEMANTIC_FEATURES)
 
 
+def semantic_indices(groups) -> list[int]:
+  """Indices of the `SEMANTIC_FEATURES` in the named groups ('background', 'class',
+  'colour', 'offset'; a feature 'g:x' is in group g); empty groups select every feature."""
+  if not groups:
+    return list(range(SEMANTIC_DIM))
+  known = {name.split(":")[0] for name in SEMANTIC_FEATURES}
+  unknown = sorted(set(groups) - known)
+  if unknown:
+    raise ValueError(f"unknown semantic feature group(s) {unknown}; use {sorted(known)}")
+  return [i for i, name in enumerate(SEMANTIC_FEATURES) if name.split(":")[0] in groups]
+
+
+def crop_scene(scene: dict[str, Any], box: tuple[float, float, float, float]) -> dict[str, Any]:
+  """The scene seen through a window: the window becomes the whole [-1, 1]^2 domain.
+
+  Args:
+    scene: a dict from `sample_scene`.
+    box: (top, left, height, width) of the window as fractions of the scene's side.
+
+  Returns:
+    A scene dict whose `render_scene` and `semantic_map` equal those of the window of the
+    original (objects are moved and scaled; ones outside the window are clipped by the
+    renderers as usual).
+  """
+  top, left, bh, bw = (float(v) for v in box)
+  if not (bh > 0 and bw > 0):
+    raise ValueError(f"crop box {box} has no area")
+  if abs(bh - bw) > 1e-6:
+    raise ValueError(f"crop box {box} is not square: shapes would be stretched")
+  centre = (-1.0 + 2.0 * top + bh, -1.0 + 2.0 * left + bw)  # window centre in the domain
+  out = dict(scene)
+  out["objects"] = [
+      {
+          **obj,
+          "centre": [(obj["centre"][0] - centre[0]) / bh, (obj["centre"][1] - centre[1]) / bw],
+          "size": obj["size"] / bh,
+      }
+      for obj in scene["objects"]
+  ]
+  return out
+
+
 def semantic_map(scene: dict[str, Any], grid: int, sub: int = 4) -> np.ndarray:
   """Analytic per-cell semantics of a scene on a grid x grid partition of the domain.
 

@@ -85,6 +85,9 @@ class MultiResCrop:
   s_max: float = 4.0  # largest crop scale (RaPD trains "up to" a few x; choice 4)
   target_window: int | None = 32  # P: supervised window side; None: the whole target grid
   scales: tuple[int, ...] | None = None  # whole-grid mode: allowed k (default 1..s_max)
+  # Also output 'box' float32 [4]: the crop's (top, left, height, width) as fractions of
+  # the image (for targets computed from the scene, `ShapesSemantics`).
+  with_box: bool = False
 
   def __post_init__(self):
     if self.s_max < 1.0:
@@ -124,6 +127,8 @@ class MultiResCrop:
         cell=fields.cell_size(side, side),  # [2]
         scale=np.float32(side / r),  # []
     )
+    if self.with_box:
+      out["box"] = np.asarray([top / h, left / w, side / h, side / w], np.float32)
     return out
 
 
@@ -389,9 +394,10 @@ class Tokenize:
 class ShapesSemantics:
   """Adds 'semantic' float32 [grid, grid, D]: `shapes.semantic_map` of the record's scene.
 
-  For records of the built-in `shapes` source (their 'meta' JSON). The map covers the
-  whole scene, so it must follow transforms that keep the whole square image (stage 2's
-  `RandomResizedSquare` with min_scale 1); a crop would no longer match it.
+  For records of the built-in `shapes` source (their 'meta' JSON). Without a 'box' in the
+  record the map covers the whole scene, so it must follow transforms that keep the whole
+  square image (stage 2's `RandomResizedSquare` with min_scale 1). After a crop that
+  reports its window (`MultiResCrop(with_box=True)`, stage 1) the map covers that window.
   """
 
   grid: int  # cells per side
@@ -403,8 +409,11 @@ class ShapesSemantics:
       raise ValueError(
           "the shapes semantic target needs scene metadata, which only data.source=shapes has"
       )
+    scene = json.loads(record["meta"])
+    if "box" in record:
+      scene = shapes.crop_scene(scene, tuple(record["box"]))
     out = dict(record)
-    out["semantic"] = shapes.semantic_map(json.loads(record["meta"]), self.grid, self.sub)
+    out["semantic"] = shapes.semantic_map(scene, self.grid, self.sub)
     return out
 
 

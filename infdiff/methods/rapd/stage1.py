@@ -6,6 +6,11 @@ from the loss's one encoder + renderer forward (infdiff.losses.adaptive).
 Training examples come from the multi-resolution crop: the encoder sees an r x r
 area-downsampled crop, the renderer is supervised on (a window of) the crop's full-
 resolution coordinate grid.
+
+The distillation target is DINOv2's patch tokens (`distill.target='dinov2'`, the paper)
+or, on the built-in scenes and without weights, `shapes.semantic_map` of the encoder's
+crop (`'shapes'`, not in RaPD): per-cell background, class and colour fractions and the
+offset from the object's centre, the semantics a DINOv2 teacher would lend the latent.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from infdiff import fields
-from infdiff.data import transforms
+from infdiff.data import shapes, transforms
 from infdiff.losses import adaptive
 from infdiff.losses.distill import distill_loss
 from infdiff.methods import base, latents
@@ -82,9 +87,26 @@ class Method(base.Method):
     self.teacher = None
     self.lpips = None
     self.teacher_dim = 0
+    self.distill_target = None  # 'dinov2' | 'shapes' while training with distillation
     d = self.cfg.distill
     # The teacher and LPIPS are training-only: inference builds the model without them.
-    if d.weight > 0 and training:
+    target = d.get("target", "dinov2")
+    if target not in ("dinov2", "shapes"):
+      raise ValueError(f"{stage}.distill.target={target!r}; use 'dinov2' or 'shapes'")
+    if d.weight > 0 and training and target == "shapes":
+      if config.data.source != "shapes":
+        raise ValueError(
+            f"{stage}.distill.target='shapes' needs data.source=shapes, not "
+            f"{config.data.source!r}"
+        )
+      gh, gw = (int(x) for x in d.teacher_grid)
+      if gh != gw:
+        raise ValueError(f"{stage}.distill.teacher_grid {d.teacher_grid} must be square")
+      self.distill_target = "shapes"
+      self.semantic_idx = shapes.semantic_indices(tuple(d.get("shapes_features", ())))
+      self.teacher_dim = len(self.semantic_idx)
+    elif d.weight > 0 and training:
+      self.distill_target = "dinov2"
       if not d.teacher_path:
         raise ValueError(
             f"{stage}.distill.weight > 0 needs {stage}.distill.teacher_path (a DINOv2 checkpoint "
@@ -111,9 +133,17 @@ class Method(base.Method):
   # --- data -----------------------------------------------------------------------
   def data_transform(self, split):
     c = self.cfg
-    return transforms.MultiResCrop(
-        enc_size=c.enc_size, s_max=c.s_max, target_window=c.target_window or None
+    crop = transforms.MultiResCrop(
+        enc_size=c.enc_size,
+        s_max=c.s_max,
+        target_window=c.target_window or None,
+        with_box=self.distill_target == "shapes",
     )
+    if self.distill_target != "shapes":
+      return crop
+    # The scene semantics of exactly the crop the encoder sees, on the teacher grid.
+    grid = int(c.distill.teacher_grid[0])
+    return transforms.Compose((crop, transforms.ShapesSemantics(grid=grid)))
 
   # --- state ----------------------------------------------------------------------
   def prepare(self, mesh, training=True):
@@ -131,7 +161,7 @@ class Method(base.Method):
     return tuple(self.cfg.distill.teacher_grid)
 
   def init(self, rng, batch):
-    hw = self._teacher_hw() if self.teacher is not None else None
+    hw = self._teacher_hw() if self.distill_target is not None else None
     variables = self.model.init(rng, batch["image"], batch["coord"], batch["cell"], hw)
     return {"model": variables["params"]}
 
@@ -164,13 +194,18 @@ class Method(base.Method):
     del group, rng, step
     p = params["model"]
     image, target = batch["image"], batch["target"]
-    if self.teacher is None:
+    if self.distill_target is None:
       z = self.model.apply({"params": p}, image, method="encode")
       rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
       return self._rec_loss(rgb, target, aux, z)
 
     d = self.cfg.distill
-    teacher = self._teacher_tokens(aux, image)  # [B, h*w, D], constant
+    if self.distill_target == "shapes":
+      sem = batch["semantic"]  # [B, h, w, SEMANTIC_DIM] from the data pipeline
+      sem = sem[..., jnp.asarray(self.semantic_idx)]  # the configured feature groups
+      teacher = sem.reshape(sem.shape[0], -1, sem.shape[-1]).astype(jnp.float32)
+    else:
+      teacher = self._teacher_tokens(aux, image)  # [B, h*w, D], constant
     hw = self._teacher_hw()
     path = _last_layer_path(p)
 
