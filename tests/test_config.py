@@ -48,7 +48,11 @@ def test_long_preset_is_the_demo_with_a_larger_longer_stage2():
   demo, long = _rapd("demo"), _rapd("long")
   assert _rapd("demo,long").to_dict() == long.to_dict()
   assert long.stages == demo.stages and long.data.source == demo.data.source == "shapes"
-  assert long.rapd_stage1.to_dict() == demo.rapd_stage1.to_dict()
+  # Stage 1 is the demo's but distilled from the scenes' class map (no weights needed).
+  s1_long, s1_demo = long.rapd_stage1.to_dict(), demo.rapd_stage1.to_dict()
+  assert s1_long.pop("distill") != s1_demo.pop("distill") and s1_long == s1_demo
+  assert long.rapd_stage1.distill.target == "shapes" and long.rapd_stage1.distill.weight > 0
+  config_lib.check_required_paths(long)  # the semantic target needs no directory
   d, s1 = long.rapd_stage2.dit, long.rapd_stage1
   # The DiT is wider than a token of the stage-1 latent (p^2 C), the demo's is not.
   assert d.width > d.patch**2 * s1.encoder.latent_channels >= demo.rapd_stage2.dit.width
