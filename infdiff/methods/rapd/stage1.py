@@ -97,7 +97,8 @@ class Method(base.Method):
       if config.data.source != "shapes":
         raise ValueError(
             f"{stage}.distill.target='shapes' needs data.source=shapes, not "
-            f"{config.data.source!r}"
+            f"{config.data.source!r}; set {stage}.distill.weight=0 (or target='dinov2' with "
+            "a teacher) for other data"
         )
       gh, gw = (int(x) for x in d.teacher_grid)
       if gh != gw:
