@@ -18,6 +18,7 @@ from __future__ import annotations
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from infdiff import fields
 from infdiff.data import shapes, transforms
@@ -203,7 +204,7 @@ class Method(base.Method):
     d = self.cfg.distill
     if self.distill_target == "shapes":
       sem = batch["semantic"]  # [B, h, w, SEMANTIC_DIM] from the data pipeline
-      sem = sem[..., jnp.asarray(self.semantic_idx)]  # the configured feature groups
+      sem = jnp.take(jnp.asarray(sem), np.asarray(self.semantic_idx), axis=-1)  # the groups
       teacher = sem.reshape(sem.shape[0], -1, sem.shape[-1]).astype(jnp.float32)
     else:
       teacher = self._teacher_tokens(aux, image)  # [B, h*w, D], constant
