@@ -14,7 +14,7 @@ import pytest
 from infdiff import config_lib, fields
 from infdiff.data import shapes, transforms
 from infdiff.losses import distill
-from infdiff.methods.rapd.stage1 import Method, _get, _set, roughness
+from infdiff.methods.rapd.stage1 import Method, _get, _set, noisy_latent, roughness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,7 +174,7 @@ def test_roughness_known_answers():
     assert float(roughness(ramp)) == pytest.approx(3.0 / 63.0, rel=1e-5)
 
 
-def test_smooth_weight_adds_the_roughness_penalty(tmp_path):
+def test_smooth_weight_and_render_noise(tmp_path):
   c = _config()
   assert c.rapd_stage1.smooth_weight == 0.0  # off in every preset
   batch = _batch()
@@ -187,6 +187,30 @@ def test_smooth_weight_adds_the_roughness_penalty(tmp_path):
   loss, metrics = m.loss("model", params, m.prepare(None), batch, None, 0)
   want = metrics["l1"] + 0.5 * metrics["roughness"]
   assert 0.0 < float(metrics["roughness"]) and float(loss) == pytest.approx(float(want), rel=1e-5)
+  # Render noise: the training render reads a noised latent, a fresh draw per key.
+  assert c.rapd_stage1.render_noise == 0.0  # off by default
+  c.rapd_stage1.smooth_weight, c.rapd_stage1.render_noise = 0.0, 0.5
+  m = Method(c, "rapd_stage1", str(tmp_path / "w"))
+  n1, _ = m.loss("model", params, m.prepare(None), batch, jax.random.PRNGKey(1), 0)
+  n2, _ = m.loss("model", params, m.prepare(None), batch, jax.random.PRNGKey(2), 0)
+  assert float(n1) != float(n2) and float(loss0) not in (float(n1), float(n2))
+
+
+def test_noisy_latent_is_relative_per_image_noise_with_identity_gradient():
+  # Channels of very different scales: the noise follows each channel's batch std.
+  scale = jnp.asarray([0.01, 1.0, 100.0])
+  z = jax.random.normal(jax.random.PRNGKey(1), (6, 32, 32, 3)) * scale + 5.0
+  out = noisy_latent(z, jax.random.PRNGKey(2), 0.4)
+  rel = (out - z) / jnp.std(z, axis=(0, 1, 2))  # sigma_b * eps
+  sig = np.asarray(jnp.std(rel, axis=(1, 2, 3)))  # one sigma per image
+  assert np.all(sig >= 0.0) and np.all(sig <= 0.4 * 1.1) and np.ptp(sig) > 0.05
+  # The same sigma in every channel of an image (relative, not absolute, noise).
+  per_c = np.asarray(jnp.std(rel, axis=(1, 2)))  # [B, C]
+  np.testing.assert_allclose(per_c, sig[:, None] * np.ones((1, 3)), rtol=0.15, atol=2e-3)
+  # A fresh key draws fresh noise; the noise scale is constant to the gradient.
+  assert not np.allclose(out, noisy_latent(z, jax.random.PRNGKey(3), 0.4))
+  g = jax.grad(lambda x: jnp.sum(noisy_latent(x, jax.random.PRNGKey(2), 0.4) * z))(z)
+  np.testing.assert_allclose(g, z, rtol=1e-6)
 
 
 @pytest.mark.parametrize("renderer", ["cqar", "liif", "clif"])

@@ -78,6 +78,22 @@ def roughness(z: jax.Array) -> jax.Array:
   return jnp.mean((dh + dw) / (4.0 * var + 1e-8))
 
 
+def noisy_latent(z: jax.Array, key: jax.Array, max_sigma: float) -> jax.Array:
+  """z + sigma * std * eps: the latent a renderer trained for off-manifold samples sees.
+
+  Per sample sigma ~ U[0, max_sigma]; std is the per-channel standard deviation of z in the
+  batch (stop-gradient, so the encoder cannot shrink the noise by growing the latent: the
+  scale stage 2 normalises by); eps ~ N(0, 1). The gradient with respect to z is the
+  identity.
+  """
+  k_sigma, k_eps = jax.random.split(key)
+  zf = z.astype(jnp.float32)
+  sigma = jax.random.uniform(k_sigma, (z.shape[0],) + (1,) * (z.ndim - 1), maxval=max_sigma)
+  std = jax.lax.stop_gradient(jnp.std(zf, axis=tuple(range(z.ndim - 1))))  # [C]
+  eps = jax.random.normal(k_eps, z.shape, jnp.float32)
+  return (zf + sigma * std * eps).astype(z.dtype)
+
+
 class Method(base.Method):
   """RaPD stage 1 (also the renderer ablations liif / clif / cqar)."""
 
@@ -192,13 +208,20 @@ class Method(base.Method):
       )
     return jax.lax.stop_gradient(tokens.reshape(tokens.shape[0], h * w, -1))
 
+  def _render_train(self, p, z, batch, rng):
+    """The training render; from a noised latent when render_noise > 0 (not in RaPD)."""
+    zr = z
+    if self.cfg.get("render_noise", 0.0) > 0:
+      zr = noisy_latent(z, jax.random.fold_in(rng, 1), float(self.cfg.render_noise))
+    return self.model.apply({"params": p}, zr, batch["coord"], batch["cell"], method="render")
+
   def loss(self, group, params, aux, batch, rng, step):
-    del group, rng, step
+    del group, step
     p = params["model"]
     image, target = batch["image"], batch["target"]
     if self.distill_target is None:
       z = self.model.apply({"params": p}, image, method="encode")
-      rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
+      rgb = self._render_train(p, z, batch, rng)
       return self._rec_loss(rgb, target, aux, z)
 
     d = self.cfg.distill
@@ -217,8 +240,7 @@ class Method(base.Method):
       return z, None  # [B, r, r, C]
 
     def rec_of(z):
-      rgb = self.model.apply({"params": p}, z, batch["coord"], batch["cell"], method="render")
-      return self._rec_loss(rgb, target, aux, z)
+      return self._rec_loss(self._render_train(p, z, batch, rng), target, aux, z)
 
     def distill_of(z):
       student = self.model.apply({"params": p}, z, *hw, method="project")  # [B, h*w, D]
