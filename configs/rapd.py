@@ -102,7 +102,9 @@ def stage1_config(p) -> ml_collections.ConfigDict:
   c.smooth_weight = 0.0
   # Render-noise augmentation (not in RaPD): the training render reads z + sigma * std * eps,
   # sigma ~ U[0, render_noise] per image (stage1.noisy_latent), so the renderer stays clean
-  # where a sampled latent is slightly off. 0 = off (the paper).
+  # where a sampled latent is slightly off. 0 = off (the paper). On the `long` stage 1, 0.25
+  # made renders of z + 0.1 std noise 8 dB closer to the clean render at no loss of recon
+  # PSNR, but lowered the class readout (README: A renderer trained on noised latents).
   c.render_noise = 0.0
   c.distill = ml_collections.ConfigDict()
   use_distill = p.distill and (bool(p.teacher) or not demo)
