@@ -194,6 +194,9 @@ def test_smooth_weight_and_render_noise(tmp_path):
   n1, _ = m.loss("model", params, m.prepare(None), batch, jax.random.PRNGKey(1), 0)
   n2, _ = m.loss("model", params, m.prepare(None), batch, jax.random.PRNGKey(2), 0)
   assert float(n1) != float(n2) and float(loss0) not in (float(n1), float(n2))
+  c.rapd_stage1.render_noise = -0.1
+  with pytest.raises(ValueError, match="render_noise"):
+    Method(c, "rapd_stage1", str(tmp_path / "w"))
 
 
 def test_noisy_latent_is_relative_per_image_noise_with_identity_gradient():

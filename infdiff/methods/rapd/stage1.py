@@ -108,6 +108,8 @@ class Method(base.Method):
     d = self.cfg.distill
     # The teacher and LPIPS are training-only: inference builds the model without them.
     target = d.get("target", "dinov2")
+    if not 0.0 <= float(self.cfg.get("render_noise", 0.0)) <= 10.0:
+      raise ValueError(f"{stage}.render_noise={self.cfg.render_noise}; use a value in [0, 10]")
     if target not in ("dinov2", "shapes"):
       raise ValueError(f"{stage}.distill.target={target!r}; use 'dinov2' or 'shapes'")
     if d.weight > 0 and training and target == "shapes":
