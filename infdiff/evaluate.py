@@ -25,7 +25,7 @@ import sys
 
 from absl import app, flags
 
-from infdiff import cli, host_malloc
+from infdiff import cli
 
 FLAGS = flags.FLAGS
 
@@ -126,8 +126,6 @@ def run(args) -> tuple[object, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  with cli.one_line_errors():
-    host_malloc.configure()  # before the JAX backend starts (see infdiff/host_malloc.py)
   from infdiff import utils
 
   utils.quiet_library_logs()  # checkpoint restores log ~20 INFO lines each

@@ -6,7 +6,7 @@ Flags only; everything else lives in importable modules (flax examples/imagenet 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from infdiff import cli, config_lib, host_malloc
+from infdiff import cli, config_lib
 
 FLAGS = flags.FLAGS
 
@@ -30,8 +30,6 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  with cli.one_line_errors():
-    host_malloc.configure()  # before the JAX backend starts (see infdiff/host_malloc.py)
   with cli.one_line_errors():  # every missing checkpoint directory at once, before any stage
     config_lib.check_required_paths(FLAGS.config, FLAGS["config"].config_filename)
   import jax

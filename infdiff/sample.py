@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
-from infdiff import cli, host_malloc, utils
+from infdiff import cli, utils
 
 FLAGS = flags.FLAGS
 
@@ -82,8 +82,6 @@ def run(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  with cli.one_line_errors():
-    host_malloc.configure()  # before the JAX backend starts (see infdiff/host_malloc.py)
   logging.set_verbosity(logging.WARNING)
   utils.quiet_library_logs()
   with cli.one_line_errors():

@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import common, host_malloc, render_memory, resolution_scaling, step_efficiency  # noqa: E402
+from benchmarks import common, render_memory, resolution_scaling, step_efficiency  # noqa: E402
 
 
 def _tiny_config():
@@ -42,17 +42,6 @@ def test_step_efficiency_dit_at_the_reference_shape_reports_its_relative_ratio(c
   assert set(out) == {"dit_ref", "reference", "dit_ref/reference"}
   assert out["dit_ref/reference"] == out["dit_ref"] / out["reference"] > 0
   assert "of reference, >= 0.9" in capsys.readouterr().out
-
-
-def test_host_malloc_compares_fresh_processes_off_and_on(capsys):
-  ratios = host_malloc.main(["--quick"])
-  out = capsys.readouterr().out
-  if not ratios:  # not glibc: the script says so instead of a table
-    assert "could not be applied" in out
-    return
-  assert set(ratios) == {"stage2"}
-  assert all(np.isfinite(r) and r > 0 for r in ratios.values())
-  assert re.search(r"stage2: speed-up off/on [0-9.]+x, page faults off/on [0-9]+x", out)
 
 
 def test_resolution_scaling_reports_the_three_ratios():
