@@ -237,10 +237,10 @@ def apply_long(c) -> None:
   """`long`: the demo's stages in about 50 minutes on a 2-core CPU (README: RaPD long).
 
   Stage 1 is the demo's, shorter and distilled from the scenes' class map (below; its
-  reconstructions still score ShapesEval 1.00 / 0.99 at 1x / 4x). Stage 2 predicts the clean latent with a
-  DiT whose width exceeds its token dimension (p^2 C = 128 at patch 4 on the 32^2 x 8
-  latent; the demo's 96-wide DiT cannot represent every token output) for 4x the demo's
-  steps, with ShapesEval logged along the way.
+  reconstructions still score ShapesEval 1.00 / 0.99 at 1x / 4x). Stage 2 predicts the
+  clean latent with a DiT whose width exceeds its token dimension (p^2 C = 128 at patch 4
+  on the 32^2 x 8 latent; the demo's 96-wide DiT cannot represent every token output)
+  for 4x the demo's steps, with ShapesEval logged along the way.
   """
   # Stage-1 distillation from the scenes' class map (a weight-free stand-in for DINOv2,
   # not in RaPD; needs data.source=shapes, set distill.weight=0 for other data): the
