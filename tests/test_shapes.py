@@ -146,6 +146,11 @@ def test_source_categories_subset():
   d.shapes_size, d.shapes_categories = 16, ("colors",)
   src = pipeline.source_from_config(d, split="train")
   assert {src.scene(i)["category"] for i in range(20)} == {"colors"}
+  assert len(src) == 10_000  # the ShapesSource default
+  d.shapes_num_scenes = 1_000_000
+  big = pipeline.source_from_config(d, split="train")
+  assert len(big) == 1_000_000 and big.scene(999_999)["category"] == "colors"
+  assert big.scene(7) == src.scene(7)  # scene i does not depend on how many there are
   for bad in (("single_object", "singel_object"), ()):
     with pytest.raises(ValueError, match="subset of"):
       shapes.ShapesSource(categories=bad)

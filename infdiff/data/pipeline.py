@@ -81,6 +81,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Categories the built-in 'shapes' scenes are drawn from; () = all six (e.g.
   # --config.data.shapes_categories="('single_object',)" trains on one GenEval category).
   c.shapes_categories = ()
+  # Number of distinct built-in 'shapes' scenes (items of the source; a scene is a pure
+  # function of its index, so more scenes cost no memory and no set-up time).
+  c.shapes_num_scenes = 10_000
   return c
 
 
@@ -96,6 +99,7 @@ def source_from_config(data_cfg, *, split: str | None = None) -> Any:
   kw = dict(_get(data_cfg, "source_kwargs") or {})
   if _get(data_cfg, "source") == "shapes":
     kw.setdefault("size", _get(data_cfg, "shapes_size"))
+    kw.setdefault("num_scenes", _get(data_cfg, "shapes_num_scenes"))
     if _get(data_cfg, "shapes_categories"):
       kw.setdefault("categories", tuple(_get(data_cfg, "shapes_categories")))
   return sources_lib.make_source(
