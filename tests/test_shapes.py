@@ -151,6 +151,8 @@ def test_source_categories_subset():
   big = pipeline.source_from_config(d, split="train")
   assert len(big) == 1_000_000 and big.scene(999_999)["category"] == "colors"
   assert big.scene(7) == src.scene(7)  # scene i does not depend on how many there are
+  with pytest.raises(ValueError, match="num_scenes must be positive"):
+    shapes.ShapesSource(num_scenes=0)
   for bad in (("single_object", "singel_object"), ()):
     with pytest.raises(ValueError, match="subset of"):
       shapes.ShapesSource(categories=bad)

@@ -460,8 +460,10 @@ class ShapesSource:
       raise ValueError(
           f"shapes categories {list(categories)}: expected a non-empty subset of {CATEGORIES}"
       )
+    if int(num_scenes) < 1:
+      raise ValueError(f"shapes num_scenes must be positive, got {num_scenes}")
     self.size = size
-    self.num_scenes = num_scenes
+    self.num_scenes = int(num_scenes)
     self.seed = seed
     self.split = split
     self.rotate = rotate
