@@ -214,6 +214,14 @@ PAPER_TINY = [
     "--config.infd_ldm.unet.ch=8",
     "--config.infd_ldm.unet.norm_groups=4",
     "--config.infd_ldm.unet.head_channels=8",
+    # the paper's end-of-run work (10,000-image latent statistics, 16 samples of 200 DDIM
+    # steps at 256-1024) shrunk too; the code path is the same
+    "--config.infd_ae.stats_images=4",
+    "--config.infd_ae.stats_batch_size=4",
+    "--config.infd_ldm.sample.num_steps=2",
+    "--config.infd_ldm.sample.sizes=(32,)",
+    "--config.infd_ldm.sample.num=1",
+    "--config.infd_ldm.sample.batch_size=1",
     "--config.total_steps=1",
 ]
 
