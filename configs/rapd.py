@@ -153,6 +153,7 @@ def stage2_config(p) -> ml_collections.ConfigDict:
           attention_impl="xla",  # 'xla', 'jax' (jax.nn), 'cudnn' or 'pallas' (GPU/TPU flash)
           remat=not demo,  # rematerialise blocks to save activation memory at scale
           conv_head=0,  # features of a 3x3-conv output head (not in RaPD; 0 = linear head)
+          pooled_text=False,  # pooled caption added to the AdaLN condition (not in RaPD)
       )
   )
   c.text = ml_collections.ConfigDict()

@@ -316,3 +316,35 @@ def test_conv_head_starts_at_zero_and_draws_across_patch_seams():
   )
   np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-5)
   assert conv["kernel"].shape == (3, 3, 3, 4)
+
+
+def test_pooled_text_adds_the_masked_mean_caption_to_the_condition():
+  model = MODEL.clone(pooled_text=True)
+  x, t, text, mask = _inputs()
+  variables = jax.jit(model.init)(jax.random.key(0), x, t, text, mask)
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(
+      lambda p: jnp.asarray(p + 0.2 * rng.standard_normal(p.shape, np.float32)),
+      nn.meta.unbox(variables),
+  )
+  v, inter = model.apply(params, x, t, text, mask, capture_intermediates=True)
+  # Known answer: the first pooled layer sees the mean of the real tokens (zero for the
+  # all-padding, unconditional sample).
+  m = np.asarray(mask, np.float32)[..., None]
+  mean = (np.asarray(text) * m).sum(1) / np.maximum(m.sum(1), 1.0)
+  layer = params["params"]["pooled_mlp_0"]
+  want = mean @ np.asarray(layer["kernel"]) + np.asarray(layer["bias"])
+  got = inter["intermediates"]["pooled_mlp_0"]["__call__"][0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Padding stays ignored.
+  noise = 10.0 * jax.random.normal(jax.random.key(9), text.shape)
+  padded = jnp.where(mask[..., None] > 0, text, noise)
+  np.testing.assert_allclose(model.apply(params, x, t, padded, mask), v, atol=1e-5, rtol=1e-5)
+  # With the pooled output layer zeroed, the model is the plain DiT with the same params.
+  zeroed = jax.tree.map(lambda a: a, params)
+  zeroed["params"]["pooled_mlp_1"] = jax.tree.map(jnp.zeros_like, params["params"]["pooled_mlp_1"])
+  plain = {"params": {k: p for k, p in params["params"].items() if not k.startswith("pooled")}}
+  np.testing.assert_allclose(
+      model.apply(zeroed, x, t, text, mask), MODEL.apply(plain, x, t, text, mask), atol=1e-5
+  )
+  assert float(jnp.abs(model.apply(zeroed, x, t, text, mask) - v).max()) > 1e-3

@@ -166,6 +166,12 @@ class DiT(nn.Module):
   # grid, then SiLU and a zero-initialised 3 x 3 conv to C, so every output cell also sees
   # the neighbouring tokens' features and the patch seams can be drawn across.
   conv_head: int = 0
+  # Pooled caption in the AdaLN condition (not in RaPD; SD3 adds a pooled text vector to
+  # its timestep embedding): the masked mean of the text tokens through a two-layer MLP is
+  # added to the timestep condition of every block, so global properties of the caption
+  # (how many objects) reach each block without cross-attention. An all-padding caption
+  # (the unconditional input) pools to zero. False = the paper's timestep-only condition.
+  pooled_text: bool = False
   dtype: Dtype = jnp.float32  # compute dtype (bf16 in the paper)
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
@@ -205,6 +211,13 @@ class DiT(nn.Module):
     cond = layers.dense(self.width, ("mlp", "embed"), dt, pdt, name="time_mlp_1")(nn.silu(temb))
 
     mask = text_mask.astype(bool)  # [B, L]
+    if self.pooled_text:
+      m = mask[..., None].astype(dt)
+      pooled = (text.astype(dt) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)  # [B, text_dim]
+      pooled = layers.dense(self.width, (None, "embed"), dt, pdt, name="pooled_mlp_0")(pooled)
+      cond = cond + layers.dense(self.width, ("mlp", "embed"), dt, pdt, name="pooled_mlp_1")(
+          nn.silu(pooled)
+      )
     ctx = layers.dense(self.width, (None, "embed"), dt, pdt, name="text_proj")(text.astype(dt))
     ctx = nn.with_logical_constraint(ctx, _ACT_AXES)  # [B, L, width]
     for i in range(self.text_blocks):
