@@ -341,8 +341,8 @@ def test_pooled_text_adds_the_masked_mean_caption_to_the_condition():
   padded = jnp.where(mask[..., None] > 0, text, noise)
   np.testing.assert_allclose(model.apply(params, x, t, padded, mask), v, atol=1e-5, rtol=1e-5)
   # With the pooled output layer zeroed, the model is the plain DiT with the same params.
-  zeroed = jax.tree.map(lambda a: a, params)
-  zeroed["params"]["pooled_mlp_1"] = jax.tree.map(jnp.zeros_like, params["params"]["pooled_mlp_1"])
+  zero_out = jax.tree.map(jnp.zeros_like, params["params"]["pooled_mlp_1"])
+  zeroed = {"params": {**params["params"], "pooled_mlp_1": zero_out}}
   plain = {"params": {k: p for k, p in params["params"].items() if not k.startswith("pooled")}}
   np.testing.assert_allclose(
       model.apply(zeroed, x, t, text, mask), MODEL.apply(plain, x, t, text, mask), atol=1e-5

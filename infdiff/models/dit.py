@@ -170,7 +170,8 @@ class DiT(nn.Module):
   # its timestep embedding): the masked mean of the text tokens through a two-layer MLP is
   # added to the timestep condition of every block, so global properties of the caption
   # (how many objects) reach each block without cross-attention. An all-padding caption
-  # (the unconditional input) pools to zero. False = the paper's timestep-only condition.
+  # (the unconditional input) pools to the zero vector, so the MLP adds a constant there.
+  # False = the paper's timestep-only condition.
   pooled_text: bool = False
   dtype: Dtype = jnp.float32  # compute dtype (bf16 in the paper)
   param_dtype: Dtype = jnp.float32  # parameter dtype
